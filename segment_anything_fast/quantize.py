@@ -1,0 +1,205 @@
+"""Compression of the SAM image encoder: torchao int8 / fp8 quantization and 2:4 sparsity.
+
+``compress(sam_or_image_encoder, mode)`` rewrites, in place, the linear layers of the image
+encoder's transformer blocks: ``blocks.N.attn.qkv``, ``blocks.N.attn.proj``,
+``blocks.N.mlp.lin1`` and ``blocks.N.mlp.lin2``. They hold nearly all of the encoder's FLOPs.
+
+Left in full precision, on purpose:
+  * ``patch_embed`` (a 16x16 stride-16 conv) and the ``neck`` convs: convolutions, a few
+    percent of the FLOPs, and they touch the raw pixels / the final embedding;
+  * the attention matmuls and relative-position tables (not weights of a linear layer);
+  * the prompt encoder and mask decoder: tiny, run once per prompt on variable shapes, and
+    the masks are most sensitive to their precision.
+
+Modes (``COMPRESS_MODES``):
+  none              unchanged (the baseline).
+  int8_dynamic      int8 weights (per output channel) x int8 activations quantized per token
+                    at run time (torchao ``Int8DynamicActivationInt8WeightConfig``). CPU or GPU.
+  int8_weight_only  int8 weights, activations kept in the model dtype (``Int8WeightOnlyConfig``).
+  fp8               float8 e4m3 weights and dynamically quantized activations, per-row scales
+                    (``Float8DynamicActivationFloat8WeightConfig``); CUDA capability >= 8.9.
+  sparse_2_4        our magnitude pruning to 2:4 (see ``sparsity.py``), then
+                    ``torch.sparse.to_sparse_semi_structured``; CUDA capability >= 8.0.
+  fp8_sparse_2_4    2:4 pruning, then fp8 per-row with torchao's CUTLASS 2:4 fp8 kernel;
+                    CUDA capability >= 9.0 (Hopper).
+int8 activations combined with 2:4 sparsity is not offered: torchao 0.18 removed that layout
+(version 1 of ``Int8DynamicActivationInt8WeightConfig``).
+
+torchao is imported only when a quantizing mode is asked for. torchao's own global inductor
+tuning (``set_inductor_config``) is switched off; ``InductorSettings`` is the explicit knob.
+"""
+import importlib
+import re
+from dataclasses import dataclass, fields
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from .sparsity import check_sparse_gpu, prune_linears_2_4_, to_semi_structured_
+
+COMPRESS_MODES = ("none", "int8_dynamic", "int8_weight_only", "fp8", "sparse_2_4", "fp8_sparse_2_4")
+_TORCHAO_MODES = ("int8_dynamic", "int8_weight_only", "fp8", "fp8_sparse_2_4")
+
+ENCODER_LINEAR_PATTERN = re.compile(r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(lin1|lin2))")
+
+
+def encoder_linear_filter(module: nn.Module, fqn: str) -> bool:
+    """torchao-style filter: True for the image encoder's block linears (fqn relative to the encoder)."""
+    return isinstance(module, nn.Linear) and ENCODER_LINEAR_PATTERN.fullmatch(fqn) is not None
+
+
+def _encoder_of(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress expects a Sam model or its image_encoder (nn.Module), got {type(model).__name__}")
+    encoder = getattr(model, "image_encoder", model)
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"model.image_encoder is a {type(encoder).__name__}, not an nn.Module")
+    return encoder
+
+
+def encoder_linears(model) -> List[str]:
+    """Names (relative to the image encoder) of the linears ``compress`` acts on."""
+    encoder = _encoder_of(model)
+    return [n for n, m in encoder.named_modules() if encoder_linear_filter(m, n)]
+
+
+def _import_torchao():
+    try:
+        importlib.import_module("torchao")
+        return importlib.import_module("torchao.quantization")
+    except ImportError as e:
+        raise ImportError(
+            f"this compression mode needs torchao (>= 0.18), which could not be imported ({e}); "
+            "install it with `pip install torchao`"
+        ) from e
+
+
+def _check_capability(device: torch.device, mode: str, need: tuple, what: str) -> None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(
+            f"compress mode {mode!r} needs {what} (CUDA compute capability >= {need[0]}.{need[1]}); "
+            f"the image encoder is on {device}"
+        )
+    cap = torch.cuda.get_device_capability(device)
+    if cap < need:
+        raise RuntimeError(
+            f"compress mode {mode!r} needs {what} (CUDA compute capability >= {need[0]}.{need[1]}); "
+            f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}"
+        )
+
+
+def _torchao_config(q, mode: str):
+    if mode == "int8_dynamic":
+        return q.Int8DynamicActivationInt8WeightConfig(granularity=q.PerRow(), set_inductor_config=False)
+    if mode == "int8_weight_only":
+        return q.Int8WeightOnlyConfig(granularity=q.PerRow(), set_inductor_config=False)
+    if mode == "fp8":
+        return q.Float8DynamicActivationFloat8WeightConfig(granularity=q.PerRow(), set_inductor_config=False)
+    from torchao.quantization.quantize_.workflows import Float8PackingFormat
+
+    return q.Float8DynamicActivationFloat8WeightConfig(
+        granularity=q.PerRow(), set_inductor_config=False,
+        packing_format=Float8PackingFormat.SPARSE_2D_DATA_2D_METADATA,
+    )
+
+
+def compress(model: nn.Module, mode: str) -> nn.Module:
+    """Compress, in place, the image-encoder linears of ``model`` (a Sam or its image encoder)
+    with ``mode`` (one of ``COMPRESS_MODES``) and return ``model``.
+
+    Call it on the model already moved to its final device and dtype (bf16 on GPUs) and before
+    ``torch.compile``. Every check runs before any weight is changed.
+    """
+    if not isinstance(mode, str) or mode not in COMPRESS_MODES:
+        raise ValueError(f"unknown compress mode {mode!r}; choose one of {', '.join(COMPRESS_MODES)}")
+    encoder = _encoder_of(model)
+    targets = [m for n, m in encoder.named_modules() if encoder_linear_filter(m, n)]
+    if not targets:
+        raise ValueError(
+            f"found no image-encoder linears (blocks.N.attn.qkv/proj, blocks.N.mlp.lin1/lin2) in "
+            f"{type(model).__name__}; pass a Sam model or its image_encoder"
+        )
+    if mode == "none":
+        return model
+    for m in targets:
+        if type(m.weight) not in (torch.Tensor, nn.Parameter) or type(m.weight.data) is not torch.Tensor:
+            raise RuntimeError(
+                f"the image encoder is already compressed (weight is {type(m.weight.data).__name__}); "
+                "compress a freshly built model"
+            )
+    devices = {m.weight.device for m in targets}
+    if len(devices) != 1:
+        raise RuntimeError(f"image-encoder linears are spread over devices {sorted(map(str, devices))}; move the model to one device")
+    device = devices.pop()
+
+    if mode == "fp8":
+        _check_capability(device, mode, (8, 9), "an Ada/Hopper or newer GPU for fp8 matmuls")
+    elif mode == "fp8_sparse_2_4":
+        _check_capability(device, mode, (9, 0), "a Hopper GPU for torchao's CUTLASS fp8 2:4 kernel")
+    elif mode == "sparse_2_4":
+        check_sparse_gpu(device)
+    q = _import_torchao() if mode in _TORCHAO_MODES else None
+
+    if mode in ("sparse_2_4", "fp8_sparse_2_4"):
+        prune_linears_2_4_(encoder, encoder_linear_filter)
+    if mode == "sparse_2_4":
+        to_semi_structured_(encoder, encoder_linear_filter)
+    else:
+        q.quantize_(encoder, _torchao_config(q, mode), filter_fn=encoder_linear_filter)
+    return model
+
+
+@dataclass(frozen=True)
+class InductorSettings:
+    """Inductor options from the torchao SAM tutorial, each ``None`` (leave torch's value) or a bool.
+
+    Field names are ``torch._inductor.config`` names; a name this torch lacks raises, never
+    ignored. Use ``torch.compile(m, options=s.options())`` (merge with other options; torch
+    rejects ``mode=`` together with ``options=``) or ``with s.patch(): ...`` around the call
+    that triggers compilation (the first forward, not ``torch.compile`` itself).
+    """
+
+    force_fuse_int_mm_with_mul: Optional[bool] = None  # fuse int8 matmul with its rescale (int8_dynamic)
+    coordinate_descent_tuning: Optional[bool] = None  # refine Triton kernel configs after autotuning
+    coordinate_descent_check_all_directions: Optional[bool] = None  # widen that search
+    epilogue_fusion: Optional[bool] = None  # fuse pointwise epilogues into matmul templates
+    epilogue_fusion_first: Optional[bool] = None  # do epilogue fusion before other fusions
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"InductorSettings.{f.name} must be True, False or None, got {value!r}")
+
+    @classmethod
+    def tutorial(cls) -> "InductorSettings":
+        """The seed tutorial's final choice: fused int mm, coordinate descent in all directions,
+        no epilogue fusion."""
+        return cls(force_fuse_int_mm_with_mul=True, coordinate_descent_tuning=True,
+                   coordinate_descent_check_all_directions=True, epilogue_fusion=False)
+
+    def options(self) -> Dict[str, bool]:
+        """The set (non-None) values as a ``torch.compile(options=...)`` dict."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        check_inductor_config_names(out)
+        return out
+
+    def patch(self):
+        """Context manager setting these values in ``torch._inductor.config`` and restoring them."""
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(self.options())
+
+
+def check_inductor_config_names(names: Iterable[str]) -> None:
+    """Raise a RuntimeError naming every entry of ``names`` missing from ``torch._inductor.config``."""
+    import torch._inductor.config as inductor_config
+
+    known = set(inductor_config.get_config_copy())
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise RuntimeError(
+            f"torch {torch.__version__} has no inductor option(s) {', '.join(missing)}; "
+            "leave them unset (None) with this torch version"
+        )

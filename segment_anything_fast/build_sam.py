@@ -1,0 +1,343 @@
+"""Builders for SAM models: named official configurations, small custom ones, checkpoints."""
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+from .attention import check_backend
+from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Architecture of a SAM model. The official variants are entries of ``SAM_CONFIGS``."""
+
+    encoder_embed_dim: int
+    encoder_depth: int
+    encoder_num_heads: int
+    encoder_global_attn_indexes: Tuple[int, ...]
+    image_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    num_multimask_outputs: int = 3
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        object.__setattr__(
+            self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes)
+        )
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("encoder_global_attn_indexes", "mlp_ratio"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"SamConfig.{f.name} must be a positive int, got {v!r}.")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"SamConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}.")
+        if self.encoder_embed_dim % self.encoder_num_heads:
+            raise ValueError(
+                f"encoder_embed_dim ({self.encoder_embed_dim}) must be divisible by "
+                f"encoder_num_heads ({self.encoder_num_heads})."
+            )
+        bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
+        if bad:
+            raise ValueError(
+                f"encoder_global_attn_indexes {bad} are outside 0..{self.encoder_depth - 1} "
+                f"(encoder_depth={self.encoder_depth})."
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})."
+            )
+        if self.prompt_embed_dim % 8 or self.prompt_embed_dim % (2 * self.decoder_num_heads):
+            raise ValueError(
+                f"prompt_embed_dim ({self.prompt_embed_dim}) must be divisible by 8 and by "
+                f"2 * decoder_num_heads ({2 * self.decoder_num_heads})."
+            )
+        if self.mask_in_chans % 4:
+            raise ValueError(f"mask_in_chans ({self.mask_in_chans}) must be divisible by 4.")
+
+    @property
+    def image_embedding_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+SAM_CONFIGS: Dict[str, SamConfig] = {
+    "vit_h": SamConfig(1280, 32, 16, (7, 15, 23, 31)),
+    "vit_l": SamConfig(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_b": SamConfig(768, 12, 12, (2, 5, 8, 11)),
+}
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def _resolve_config(config: Union[str, SamConfig]) -> SamConfig:
+    if isinstance(config, SamConfig):
+        return config
+    if isinstance(config, str):
+        if config == "default":
+            config = "vit_h"
+        if config in SAM_CONFIGS:
+            return SAM_CONFIGS[config]
+        raise ValueError(
+            f"Unknown SAM model type {config!r}; choose one of {sorted(SAM_CONFIGS)} "
+            "or pass a SamConfig."
+        )
+    raise TypeError(f"config must be a model type name or a SamConfig, got {type(config).__name__}.")
+
+
+def _config_name(cfg: SamConfig) -> str:
+    for name, c in SAM_CONFIGS.items():
+        if c == cfg:
+            return name
+    return "custom SamConfig"
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.endswith((".pth", ".pt", ".bin", ".ckpt")) or os.sep in s or os.path.exists(s)
+
+
+def build_sam(
+    config: Union[str, SamConfig] = "vit_h",
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    *,
+    attention: str = "math",
+) -> Sam:
+    """Build a SAM model in eval mode.
+
+    Args:
+        config: "vit_h" / "vit_l" / "vit_b" / "default" or a :class:`SamConfig` (small models).
+            For compatibility with the original ``build_sam(checkpoint)``, a checkpoint path
+            given here (with ``checkpoint`` unset) builds vit_h from that file.
+        checkpoint: optional path to a state-dict file (official SAM checkpoints load as is).
+        attention: image-encoder attention backend (see ``attention.available_backends()``).
+    """
+    if (
+        isinstance(config, (str, os.PathLike))
+        and checkpoint is None
+        and not (isinstance(config, str) and (config in SAM_CONFIGS or config == "default"))
+        and _looks_like_path(os.fspath(config))
+    ):
+        config, checkpoint = "vit_h", config
+    cfg = _resolve_config(config)
+    check_backend(attention)
+    emb = cfg.image_embedding_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            embed_dim=cfg.encoder_embed_dim,
+            depth=cfg.encoder_depth,
+            num_heads=cfg.encoder_num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            out_chans=cfg.prompt_embed_dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=cfg.window_size,
+            global_attn_indexes=cfg.encoder_global_attn_indexes,
+            attention=attention,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=(emb, emb),
+            input_image_size=(cfg.image_size, cfg.image_size),
+            mask_in_chans=cfg.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=cfg.num_multimask_outputs,
+            transformer=TwoWayTransformer(
+                depth=cfg.decoder_depth,
+                embedding_dim=cfg.prompt_embed_dim,
+                mlp_dim=cfg.decoder_mlp_dim,
+                num_heads=cfg.decoder_num_heads,
+            ),
+            transformer_dim=cfg.prompt_embed_dim,
+            iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        ),
+        pixel_mean=PIXEL_MEAN,
+        pixel_std=PIXEL_STD,
+    )
+    sam.eval()
+    if checkpoint is not None:
+        load_checkpoint_into(sam, load_state_dict_file(checkpoint), _config_name(cfg))
+    return sam
+
+
+def build_sam_vit_h(checkpoint=None, *, attention: str = "math") -> Sam:
+    return build_sam("vit_h", checkpoint, attention=attention)
+
+
+def build_sam_vit_l(checkpoint=None, *, attention: str = "math") -> Sam:
+    return build_sam("vit_l", checkpoint, attention=attention)
+
+
+def build_sam_vit_b(checkpoint=None, *, attention: str = "math") -> Sam:
+    return build_sam("vit_b", checkpoint, attention=attention)
+
+
+sam_model_registry = {
+    "default": build_sam_vit_h,
+    "vit_h": build_sam_vit_h,
+    "vit_l": build_sam_vit_l,
+    "vit_b": build_sam_vit_b,
+}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+_NOT_SAM = "{path} is not a SAM checkpoint state_dict"
+
+
+def load_state_dict_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Read a state dict with ``torch.load(weights_only=True)``; raise clear errors.
+
+    Accepts a bare state dict or one wrapped as ``{"model": sd}`` / ``{"state_dict": sd}``
+    (a ``module.`` prefix on every key, as written by DataParallel, is removed).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"SAM checkpoint not found: {path!r}. Download an official checkpoint "
+            "(sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth, sam_vit_b_01ec64.pth) or fix the path."
+        )
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory; pass the checkpoint file itself.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" in msg or "Unsupported global" in msg:
+            raise ValueError(
+                f"{_NOT_SAM.format(path=repr(path))}: it contains Python objects other than "
+                "tensors, which are refused because loading them could run code "
+                "(torch.load(weights_only=True)). Re-save it with "
+                "torch.save(model.state_dict(), path) from a trusted environment."
+            ) from None
+        raise ValueError(
+            f"{_NOT_SAM.format(path=repr(path))}: the file could not be unpickled ({msg.splitlines()[0]}). "
+            "Is it truncated or a different file type?"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"{_NOT_SAM.format(path=repr(path))}: torch.load could not read it ({first}). "
+            "The file is probably truncated (re-download it) or not a PyTorch checkpoint."
+        ) from None
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj, path: str) -> Dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError(
+            f"{_NOT_SAM.format(path=repr(path))}: it holds a {type(obj).__name__}"
+            f"{' (empty)' if isinstance(obj, Mapping) else ''}, expected a dict of parameter "
+            "names to tensors."
+        )
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(
+            f"{_NOT_SAM.format(path=repr(path))}: entries {[str(b) for b in bad[:5]]} are not "
+            "named tensors."
+        )
+    sd = dict(obj)
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Guess the architecture of a SAM state dict from its shapes.
+
+    Returns "vit_h"/"vit_l"/"vit_b", a description like "custom (embed dim 32, 4 blocks)",
+    or None when it does not look like a SAM image encoder at all.
+    """
+    pos = state_dict.get("image_encoder.pos_embed")
+    patch = state_dict.get("image_encoder.patch_embed.proj.weight")
+    width = None
+    if isinstance(pos, torch.Tensor) and pos.dim() == 4:
+        width = int(pos.shape[-1])
+    elif isinstance(patch, torch.Tensor) and patch.dim() == 4:
+        width = int(patch.shape[0])
+    if width is None:
+        return None
+    blocks = {
+        int(m.group(1))
+        for k in state_dict
+        for m in [re.match(r"image_encoder\.blocks\.(\d+)\.", k)]
+        if m
+    }
+    depth = len(blocks)
+    for name, cfg in SAM_CONFIGS.items():
+        if cfg.encoder_embed_dim == width and cfg.encoder_depth == depth:
+            return name
+    return f"custom (embed dim {width}, {depth} blocks)"
+
+
+def _fmt(names, n=5) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def load_checkpoint_into(model: Sam, state_dict: Mapping[str, torch.Tensor], model_type: str) -> None:
+    """``model.load_state_dict(state_dict)`` with errors naming the likely checkpoint type."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shape_bad = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if not (missing or unexpected or shape_bad):
+        model.load_state_dict(state_dict, strict=True)
+        return
+    detected = detect_model_type(state_dict)
+    if detected is None:
+        raise ValueError(
+            f"The checkpoint is not a SAM checkpoint state_dict (no image_encoder weights found). "
+            f"Missing keys: {_fmt(missing)}; unexpected keys: {_fmt(unexpected)}."
+        )
+    parts = []
+    if detected != model_type:
+        hint = (
+            f" Build it with sam_model_registry[{detected!r}](checkpoint=...)."
+            if detected in SAM_CONFIGS
+            else " Build it with a matching SamConfig."
+        )
+        parts.append(
+            f"The checkpoint looks like {detected}, but the model being built is {model_type}.{hint}"
+        )
+    else:
+        parts.append(f"The checkpoint does not match the {model_type} model.")
+    if shape_bad:
+        parts.append(f"{len(shape_bad)} shape mismatches (checkpoint vs model): {_fmt(shape_bad, 3)}.")
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {_fmt(missing)}.")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys: {_fmt(unexpected)}.")
+    raise ValueError(" ".join(parts))

@@ -1,0 +1,41 @@
+"""Small building blocks shared by the encoder and the decoder."""
+from typing import Type
+
+import torch
+from torch import nn
+
+
+class MLPBlock(nn.Module):
+    """``lin2(act(lin1(x)))``: the transformer feed-forward block."""
+
+    def __init__(self, embedding_dim: int, mlp_dim: int, act: Type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
+        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, H, W) tensor.
+
+    Statistics are computed in float32 whatever the input dtype; the result has the input's dtype.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        mean = xf.mean(1, keepdim=True)
+        centered = xf - mean
+        var = centered.pow(2).mean(1, keepdim=True)
+        y = centered / torch.sqrt(var + self.eps)
+        y = self.weight.float()[:, None, None] * y + self.bias.float()[:, None, None]
+        return y.to(dtype)

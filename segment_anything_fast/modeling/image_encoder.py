@@ -1,0 +1,274 @@
+"""ViT image encoder: windowed + global attention with decomposed relative-position bias."""
+from typing import Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import check_backend, rel_pos_attention
+from .common import LayerNorm2d, MLPBlock
+
+
+class ImageEncoderViT(nn.Module):
+    """Patch embedding -> transformer blocks -> conv neck, as in SAM (ViTDet backbone).
+
+    Same constructor arguments as the original, plus ``attention``: the name of the
+    :mod:`segment_anything_fast.attention` backend every block uses.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        out_chans: int = 256,
+        qkv_bias: bool = True,
+        norm_layer: Type[nn.Module] = nn.LayerNorm,
+        act_layer: Type[nn.Module] = nn.GELU,
+        use_abs_pos: bool = True,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
+        window_size: int = 0,
+        global_attn_indexes: Tuple[int, ...] = (),
+        attention: str = "math",
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(
+            kernel_size=(patch_size, patch_size),
+            stride=(patch_size, patch_size),
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+        )
+        self.pos_embed: Optional[nn.Parameter] = None
+        if use_abs_pos:
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+
+        global_set = set(global_attn_indexes)
+        self.blocks = nn.ModuleList(
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                use_rel_pos=use_rel_pos,
+                rel_pos_zero_init=rel_pos_zero_init,
+                window_size=0 if i in global_set else window_size,
+                input_size=(grid, grid),
+                attention=attention,
+            )
+            for i in range(depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, img_size, img_size) normalised image -> (B, out_chans, grid, grid)."""
+        x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; ``window_size > 0`` attends within (padded) windows."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_layer: Type[nn.Module] = nn.LayerNorm,
+        act_layer: Type[nn.Module] = nn.GELU,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
+        window_size: int = 0,
+        input_size: Optional[Tuple[int, int]] = None,
+        attention: str = "math",
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            use_rel_pos=use_rel_pos,
+            rel_pos_zero_init=rel_pos_zero_init,
+            input_size=input_size if window_size == 0 else (window_size, window_size),
+            attention=attention,
+        )
+        self.norm2 = norm_layer(dim)
+        self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=act_layer)
+        self.window_size = window_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            H, W = x.shape[1], x.shape[2]
+            x, pad_hw = window_partition(x, self.window_size)
+            x = self.attn(x)
+            x = window_unpartition(x, self.window_size, pad_hw, (H, W))
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+def _rel_pos_index(q_size: int, k_size: int) -> torch.Tensor:
+    """(q_size, k_size) long table: row of the rel-pos table for each query/key offset."""
+    q_coords = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    return ((q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)).long()
+
+
+def _resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Linearly interpolate an (L, C) rel-pos table to (length, C)."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    resized = F.interpolate(
+        rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=length, mode="linear"
+    )
+    return resized.reshape(-1, length).permute(1, 0)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """(q_size, k_size, C) relative-position embeddings, interpolating the table if needed."""
+    table = _resize_rel_pos(rel_pos, int(2 * max(q_size, k_size) - 1))
+    return table[_rel_pos_index(q_size, k_size).to(rel_pos.device)]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a (B, H, W, C) grid with decomposed rel-pos bias.
+
+    The attention itself runs through ``rel_pos_attention(..., self.backend)``; set
+    ``module.backend`` to switch implementations after construction.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
+        input_size: Optional[Tuple[int, int]] = None,
+        attention: str = "math",
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}.")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.backend = check_backend(attention)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        self.input_size = input_size
+        if use_rel_pos:
+            if input_size is None:
+                raise ValueError("input_size is required when use_rel_pos=True.")
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+            if not rel_pos_zero_init:
+                nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
+                nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
+            # Index tables for the configured grid; not part of the checkpoint.
+            self.register_buffer(
+                "rel_index_h", _rel_pos_index(input_size[0], input_size[0]), persistent=False
+            )
+            self.register_buffer(
+                "rel_index_w", _rel_pos_index(input_size[1], input_size[1]), persistent=False
+            )
+
+    def _rel_tables(self, H: int, W: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(H, H, C) and (W, W, C) gathered rel-pos embeddings for an HxW grid."""
+        if (
+            self.input_size is not None
+            and (H, W) == tuple(self.input_size)
+            and self.rel_pos_h.shape[0] == 2 * H - 1
+            and self.rel_pos_w.shape[0] == 2 * W - 1
+        ):
+            return self.rel_pos_h[self.rel_index_h], self.rel_pos_w[self.rel_index_w]
+        return get_rel_pos(H, H, self.rel_pos_h), get_rel_pos(W, W, self.rel_pos_w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        N = H * W
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        rel_h = rel_w = None
+        if self.use_rel_pos:
+            Rh, Rw = self._rel_tables(H, W)
+            r_q = q.reshape(B, self.num_heads, H, W, -1)
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh).reshape(B, self.num_heads, N, H)
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw).reshape(B, self.num_heads, N, W)
+        out = rel_pos_attention(q, k, v, rel_h, rel_w, self.backend)
+        out = out.transpose(1, 2).reshape(B, H, W, C)
+        return self.proj(out)
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """(B, H, W, C) -> (B * nWindows, ws, ws, C), zero-padding H and W up to multiples of ws.
+
+    Returns the windows and the padded size (Hp, Wp).
+    """
+    B, H, W, C = x.shape
+    pad_h = (window_size - H % window_size) % window_size
+    pad_w = (window_size - W % window_size) % window_size
+    if pad_h > 0 or pad_w > 0:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.reshape(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
+    return windows, (Hp, Wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window_size: int, pad_hw: Tuple[int, int], hw: Tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * nWindows, ws, ws, C) -> (B, H, W, C)."""
+    Hp, Wp = pad_hw
+    H, W = hw
+    nh, nw = Hp // window_size, Wp // window_size
+    B = windows.shape[0] // (nh * nw)
+    x = windows.reshape(B, nh, nw, window_size, window_size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    if Hp > H or Wp > W:
+        x = x[:, :H, :W, :].contiguous()
+    return x
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify: (B, C, H, W) -> (B, H/ps, W/ps, embed_dim)."""
+
+    def __init__(
+        self,
+        kernel_size: Tuple[int, int] = (16, 16),
+        stride: Tuple[int, int] = (16, 16),
+        padding: Tuple[int, int] = (0, 0),
+        in_chans: int = 3,
+        embed_dim: int = 768,
+    ) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(
+            in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)

@@ -1,0 +1,92 @@
+"""Our Triton rel-pos attention kernel against a float64 reference, on CPU via TRITON_INTERPRET=1.
+
+The interpreter must be switched on before the kernel is defined, so the checks run in a child
+process. (The interpreter mishandles bfloat16, so fp32 and fp16 are checked here; bf16 is
+checked on the GPU by experiments/bench_attention.py.)
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+_CHILD = textwrap.dedent(
+    """
+    import torch
+    from segment_anything_fast.attention import dense_bias, rel_pos_attention
+    from segment_anything_fast.triton_attention import kernel_config, _split_head_dim
+
+    def ref(q, k, v, rh, rw):
+        q, k, v = (t.double() for t in (q, k, v))
+        s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        if rh is not None:
+            s = s + dense_bias(rh.double(), rw.double())
+        return s.softmax(-1) @ v
+
+    cases = [  # B, heads, grid H, W, head dim, dtype, tolerance
+        (2, 2, 14, 14, 16, torch.float32, 1e-5),   # windowed layer (padded 16-wide rows)
+        (1, 2, 8, 8, 80, torch.float32, 1e-5),     # vit_h head dim 80 = 64 + 16
+        (1, 1, 5, 7, 32, torch.float32, 1e-5),     # non-square grid
+        (1, 2, 16, 16, 16, torch.float16, 2e-3),
+    ]
+    for i, (B, nh, H, W, d, dt, tol) in enumerate(cases):
+        g = torch.Generator().manual_seed(i)
+        N = H * W
+        q, k, v = (torch.randn(B, nh, N, d, generator=g).to(dt) for _ in range(3))
+        rh = (torch.randn(B, nh, N, H, generator=g) * 2).to(dt)
+        rw = (torch.randn(B, nh, N, W, generator=g) * 2).to(dt)
+        for bias in (True, False):
+            a, b = (rh, rw) if bias else (None, None)
+            out = rel_pos_attention(q, k, v, a, b, backend="triton")
+            r = ref(q, k, v, a, b)
+            assert out.dtype == dt and out.shape == q.shape
+            err = ((out.double() - r).norm() / r.norm()).item()
+            assert err < tol, (i, bias, err)
+    # non-contiguous inputs (views of one qkv tensor, as the encoder produces them)
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(3, 2, 49, 2, 16, generator=g).permute(0, 1, 3, 2, 4)
+    q, k, v = qkv.unbind(0)
+    rh, rw = torch.randn(2, 2, 49, 7, generator=g), torch.randn(2, 2, 49, 7, generator=g)
+    out = rel_pos_attention(q, k, v, rh, rw, backend="triton")
+    r = ref(q, k, v, rh, rw)
+    assert ((out.double() - r).norm() / r.norm()).item() < 1e-5
+    # bias really enters: swapping rel_h and rel_w on a square grid changes the output
+    assert (out - rel_pos_attention(q, k, v, rw, rh, backend="triton")).abs().max() > 1e-3
+    assert _split_head_dim(80) == (64, 16) and _split_head_dim(64) == (64, 0)
+    assert kernel_config(4096, 64, 64, (9, 0))["ROWS"] == 1
+    assert kernel_config(196, 14, 64, (9, 0))["ROWS"] == 4
+    print("OK")
+    """
+)
+
+
+def test_triton_kernel_matches_reference_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run(
+        [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_triton_backend_refuses_cpu_without_interpreter():
+    import torch
+
+    from segment_anything_fast.triton_attention import _launch
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter is on in this process")
+    q = torch.randn(1, 1, 16, 16)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        _launch(q, q, q, None, None)
+
+
+def test_split_head_dim_rejects_odd_sizes():
+    from segment_anything_fast.triton_attention import _split_head_dim
+
+    with pytest.raises(ValueError, match="multiple of 16"):
+        _split_head_dim(72)
+    with pytest.raises(ValueError, match="powers of two"):
+        _split_head_dim(112)

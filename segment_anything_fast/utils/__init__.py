@@ -1,0 +1,4 @@
+"""Image/prompt transforms and automatic-mask-generation helpers."""
+from .transforms import ResizeLongestSide
+
+__all__ = ["ResizeLongestSide"]

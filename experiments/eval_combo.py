@@ -1,0 +1,468 @@
+#!/usr/bin/env python
+"""COCO point-prompt evaluation: mIoU, throughput and peak memory of one model setting.
+
+For every (non-crowd) annotation the prompt is one positive point, the point farthest from the
+object boundary; the model runs with multimask_output=True and the mask with the highest
+predicted IoU is compared with the ground truth. mIoU is the mean over annotations. Appends
+one row per run to --output (CSV). Works on real COCO (--coco-root datasets/coco) and on
+the generated dataset of scripts/make_synthetic_coco.py.
+
+Example:
+  python scripts/make_synthetic_coco.py --output datasets/synth --num-images 64
+  python experiments/eval_combo.py --coco-root datasets/synth --model-type vit_b --limit 64
+"""
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from segment_anything_fast.data.coco_prompts import (  # noqa: E402
+    CenterPointCache, CocoPointPromptDataset, collate_list, load_coco, mask_iou,
+    select_annotations,
+)
+
+MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "default", "tiny")
+# The test-sized model (tests/oracle.py TINY): 128 px input, 32-wide encoder.
+TINY_CONFIG = dict(
+    encoder_embed_dim=32, encoder_depth=4, encoder_num_heads=2, encoder_global_attn_indexes=(1, 3),
+    image_size=128, patch_size=16, window_size=3, prompt_embed_dim=32, mask_in_chans=16,
+    decoder_depth=2, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_depth=3,
+    iou_head_hidden_dim=32,
+)
+COMPILE_MODES = ("none", "default", "max-autotune")
+PROMPT_BATCHING = ("nested", "padded", "none")
+CSV_FIELDS = (
+    "timestamp", "model_type", "checkpoint", "device", "dtype", "compile", "attention",
+    "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
+    "n_annotations", "n_skipped_images", "warmup_batches", "timed_images", "miou",
+    "img_per_s_model", "img_per_s_end_to_end", "peak_gpu_memory_mib", "gpu_name",
+    "torch_version", "git_commit", "annotations",
+)
+
+
+def compress_modes() -> tuple:
+    try:
+        from segment_anything_fast.quantize import COMPRESS_MODES
+    except ImportError:
+        return ("none",)
+    return tuple(COMPRESS_MODES)
+
+
+def attention_backends() -> list:
+    from segment_anything_fast import attention
+
+    attention._load_optional_backends()
+    return attention.available_backends()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--coco-root", required=True,
+                   help="dataset root holding <split>/ (images) and annotations/")
+    d.add_argument("--split", default="val2017",
+                   help="image folder under --coco-root (default val2017)")
+    d.add_argument("--annotations", default=None,
+                   help="COCO instances JSON (default <coco-root>/annotations/instances_<split>.json)")
+    d.add_argument("--limit", type=int, default=None,
+                   help="evaluate only the first N images (by image id); default all")
+    d.add_argument("--batch-size", type=int, default=1, help="images per encoder batch (default 1)")
+    d.add_argument("--num-workers", type=int, default=2,
+                   help="DataLoader worker processes for decode/resize/center points (default 2; "
+                        "0 loads in the main process)")
+    d.add_argument("--cache-dir", default=os.path.join("~", ".cache", "segment_anything_fast"),
+                   help="where center points are cached by annotation id ('none' disables; "
+                        "default ~/.cache/segment_anything_fast)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model-type", default="vit_b",
+                   help=f"one of {', '.join(MODEL_TYPES)} (tiny: the 128 px test model; default vit_b)")
+    m.add_argument("--config-json", default=None,
+                   help="a SamConfig as JSON (inline or a file path); overrides --model-type's "
+                        "architecture, e.g. '{\"encoder_embed_dim\": 64, ...}'")
+    m.add_argument("--checkpoint", default=None,
+                   help="state-dict file; without it the model has RANDOM weights (mIoU is then "
+                        "meaningless, throughput is still valid)")
+    m.add_argument("--seed", type=int, default=0,
+                   help="torch seed for the random weights when there is no --checkpoint, so runs "
+                        "with different settings compare the same model (default 0)")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default cuda when available)")
+    m.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default float32)")
+    m.add_argument("--compile", default="none",
+                   help=f"torch.compile the image encoder and mask decoder: {', '.join(COMPILE_MODES)} "
+                        "(default none)")
+    m.add_argument("--attention", default="math",
+                   help="image-encoder attention backend: any registered one (math, sdpa, and flex/"
+                        "triton when available; default math)")
+    m.add_argument("--prompt-batching", default="padded",
+                   help="how the decoder sees the prompts of a batch. "
+                        "padded: encoder on the whole batch, then one decoder call per image with "
+                        "the prompt count padded to the next power of two (>= 8) so shapes repeat; "
+                        "padding prompts are dropped before the metric. "
+                        "nested: encoder on the whole batch, then ONE decoder call for all prompts "
+                        "of all images (ragged: each prompt gathers its own image's embedding; "
+                        "implemented with index-gathered dense tensors, not torch.nested, whose "
+                        "ops the decoder needs are not all supported). "
+                        "none: image by image, encoder batch 1, exact prompt count. (default padded)")
+    m.add_argument("--compress", default="none",
+                   help="image-encoder compression (segment_anything_fast.quantize): "
+                        + ", ".join(compress_modes()) + " (default none)")
+    o = p.add_argument_group("run")
+    o.add_argument("--warmup-batches", type=int, default=None,
+                   help="batches excluded from throughput (compile/autotune; default 1, or 3 with "
+                        "--compile); mIoU always covers every image")
+    o.add_argument("--output", default="results.csv",
+                   help="CSV file to append one row to (created with a header; default results.csv)")
+    return p
+
+
+def validate_args(args, parser) -> None:
+    """Turn bad flag values into parser errors that list the valid choices."""
+    def bad(flag, value, choices):
+        parser.error(f"{flag} {value!r} is not valid; choose one of: {', '.join(choices)}")
+
+    if args.model_type not in MODEL_TYPES:
+        bad("--model-type", args.model_type, MODEL_TYPES)
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        bad("--device", args.device, ("cpu", "cuda"))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if args.dtype not in ("float32", "bfloat16"):
+        bad("--dtype", args.dtype, ("float32", "bfloat16"))
+    if args.compile not in COMPILE_MODES:
+        bad("--compile", args.compile, COMPILE_MODES)
+    backends = attention_backends()
+    if args.attention not in backends:
+        bad("--attention", args.attention, backends)
+    if args.prompt_batching not in PROMPT_BATCHING:
+        bad("--prompt-batching", args.prompt_batching, PROMPT_BATCHING)
+    if args.compress not in compress_modes():
+        bad("--compress", args.compress, compress_modes())
+    for flag in ("limit", "batch_size"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.warmup_batches is not None and args.warmup_batches < 0:
+        parser.error(f"--warmup-batches must be >= 0, got {args.warmup_batches}")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
+
+
+def model_config(args):
+    """The model type name or SamConfig to build."""
+    from segment_anything_fast.build_sam import SamConfig
+
+    if args.config_json is not None:
+        text = args.config_json
+        if os.path.isfile(text):
+            with open(text) as f:
+                text = f.read()
+        try:
+            fields = json.loads(text)
+            return SamConfig(**fields)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"--config-json is not a valid SamConfig JSON object: {e}") from e
+    if args.model_type == "tiny":
+        return SamConfig(**TINY_CONFIG)
+    return args.model_type
+
+
+def build_model(args):
+    """Build, move, cast, compress and compile the model as the flags say."""
+    from segment_anything_fast.build_sam import build_sam
+
+    if args.checkpoint is None:
+        print("NOTE: no --checkpoint given: the model has RANDOM weights; the mIoU below is "
+              f"meaningless (throughput and memory are still valid). Seed {args.seed}.",
+              file=sys.stderr)
+    torch.manual_seed(args.seed)
+    sam = build_sam(model_config(args), args.checkpoint, attention=args.attention)
+    dtype = getattr(torch, args.dtype)
+    sam = sam.to(device=args.device, dtype=dtype).eval()
+    if args.compress != "none":
+        from segment_anything_fast.quantize import compress
+
+        compress(sam, args.compress)
+    if args.compile != "none":
+        sam.image_encoder = torch.compile(sam.image_encoder, mode=args.compile)
+        sam.mask_decoder = torch.compile(sam.mask_decoder, mode=args.compile)
+    return sam
+
+
+def _bucket(n: int) -> int:
+    return max(8, 1 << max(n - 1, 0).bit_length())
+
+
+def decode_packed(sam, embeddings, image_index, sparse, dense):
+    """Mask decoder over prompts of several images in one call.
+
+    ``embeddings`` (B, C, h, w); ``image_index`` (P,) selects each prompt's image. Mirrors
+    ``MaskDecoder.predict_masks`` but gathers one embedding per prompt instead of repeating a
+    single image's. Returns all mask tokens' (P, T, 4h, 4w) masks and (P, T) IoU predictions.
+    """
+    dec = sam.mask_decoder
+    dtype = dec.iou_token.weight.dtype
+    sparse = sparse.to(dtype)
+    out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    tokens = torch.cat((out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse), dim=1)
+    src = embeddings.to(dtype).index_select(0, image_index) + dense.to(dtype)
+    pe = sam.prompt_encoder.get_dense_pe().to(dtype).expand(src.shape[0], -1, -1, -1)
+    b, c, h, w = src.shape
+    hs, src = dec.transformer(src, pe, tokens)
+    upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper = torch.stack(
+        [mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
+    b, c, h, w = upscaled.shape
+    masks = (hyper @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+    return masks, dec.iou_prediction_head(hs[:, 0, :])
+
+
+def _encode(sam, images: List[torch.Tensor], device, dtype) -> torch.Tensor:
+    x = torch.stack([sam.preprocess(im.to(device, non_blocking=True).float()) for im in images])
+    return sam.image_encoder(x.to(dtype))
+
+
+def _prompt(sam, points: torch.Tensor, labels: torch.Tensor):
+    return sam.prompt_encoder(points=(points[:, None, :], labels[:, None]), boxes=None, masks=None)
+
+
+def _best_masks(sam, low_res, iou, input_size, original_size) -> torch.Tensor:
+    """Pick the highest-IoU of the multimask outputs and upscale to a (K, H, W) bool mask."""
+    best = iou.argmax(dim=1)
+    low = low_res[torch.arange(low_res.shape[0], device=low_res.device), best][:, None]
+    up = sam.postprocess_masks(low.float(), input_size, original_size)
+    return up[:, 0] > sam.mask_threshold
+
+
+@torch.inference_mode()
+def predict_batch(sam, items: List[dict], mode: str, device, dtype) -> List[torch.Tensor]:
+    """(K_i, H_i, W_i) bool predicted masks for each item, one point prompt per annotation."""
+    if not items:
+        return []
+    out: List[Optional[torch.Tensor]] = [None] * len(items)
+    sizes = [tuple(it["image"].shape[-2:]) for it in items]
+    if mode == "none":
+        groups = [[i] for i in range(len(items))]
+    else:
+        groups = [list(range(len(items)))]
+    for group in groups:
+        emb = _encode(sam, [items[i]["image"] for i in group], device, dtype)
+        pe = sam.prompt_encoder.get_dense_pe()
+        if mode == "nested":
+            pts = torch.cat([items[i]["points"] for i in group]).to(device, non_blocking=True)
+            counts = [items[i]["points"].shape[0] for i in group]
+            if pts.shape[0] == 0:
+                for i in group:
+                    out[i] = torch.zeros((0, *items[i]["original_size"]), dtype=torch.bool, device=device)
+                continue
+            index = torch.repeat_interleave(
+                torch.arange(len(group), device=device), torch.tensor(counts, device=device))
+            labels = torch.ones(pts.shape[0], dtype=torch.int, device=device)
+            sparse, dense = _prompt(sam, pts, labels)
+            low, iou = decode_packed(sam, emb, index, sparse, dense)
+            low, iou = low[:, 1:], iou[:, 1:]  # multimask outputs
+            start = 0
+            for j, i in enumerate(group):
+                sl = slice(start, start + counts[j])
+                start += counts[j]
+                out[i] = _best_masks(sam, low[sl], iou[sl], sizes[i], items[i]["original_size"])
+            continue
+        for j, i in enumerate(group):
+            pts = items[i]["points"].to(device, non_blocking=True)
+            k = pts.shape[0]
+            if k == 0:
+                out[i] = torch.zeros((0, *items[i]["original_size"]), dtype=torch.bool, device=device)
+                continue
+            labels = torch.ones(k, dtype=torch.int, device=device)
+            if mode == "padded":
+                pad = _bucket(k) - k
+                pts = torch.cat([pts, pts.new_zeros(pad, 2)])
+                labels = torch.cat([labels, labels.new_full((pad,), -1)])  # -1: not a point
+            sparse, dense = _prompt(sam, pts, labels)
+            low, iou = sam.mask_decoder(
+                image_embeddings=emb[j:j + 1], image_pe=pe, sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense, multimask_output=True)
+            out[i] = _best_masks(sam, low[:k], iou[:k], sizes[i], items[i]["original_size"])
+    return out
+
+
+def git_commit() -> str:
+    try:
+        r = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12"],
+                           capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def append_csv(path: str, row: Dict[str, object]) -> None:
+    """Append ``row``; a new file gets a header, an existing one must have the same columns."""
+    exists = os.path.isfile(path) and os.path.getsize(path) > 0
+    if exists:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != CSV_FIELDS:
+            raise ValueError(
+                f"{path!r} has different columns ({header[:4]}...); write to a new --output file.")
+    else:
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if not exists:
+            w.writeheader()
+        w.writerow(row)
+
+
+def run(args) -> Dict[str, object]:
+    """Evaluate; returns the CSV row (also appended to ``args.output``)."""
+    annotations = args.annotations or os.path.join(
+        args.coco_root, "annotations", f"instances_{args.split}.json")
+    image_dir = os.path.join(args.coco_root, args.split)
+    coco = load_coco(annotations)
+    image_ids = sorted(coco.getImgIds())
+    if not image_ids:
+        raise ValueError(f"{annotations!r} lists no images: nothing to evaluate.")
+    if args.limit is not None:
+        image_ids = image_ids[: args.limit]
+    anns = select_annotations(coco, image_ids)
+    if sum(len(a) for a in anns.values()) == 0:
+        raise ValueError(f"The {len(image_ids)} selected images of {annotations!r} have no "
+                         "(non-crowd) annotations: nothing to evaluate.")
+    missing = [coco.loadImgs(i)[0]["file_name"] for i in image_ids
+               if not os.path.isfile(os.path.join(image_dir, coco.loadImgs(i)[0]["file_name"]))]
+    if missing:
+        print(f"WARNING: {len(missing)} of {len(image_ids)} image files are missing under "
+              f"{image_dir!r} and will be skipped (first: {missing[:3]}).", file=sys.stderr)
+        if len(missing) == len(image_ids):
+            raise FileNotFoundError(
+                f"None of the {len(image_ids)} images listed in {annotations!r} exist under "
+                f"{image_dir!r}; check --coco-root / --split.")
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    sam = build_model(args)
+    image_size = sam.image_encoder.img_size if hasattr(sam.image_encoder, "img_size") else (
+        sam.prompt_encoder.input_image_size[0])
+    cache_dir = None if args.cache_dir == "none" else os.path.expanduser(args.cache_dir)
+    cache = CenterPointCache(cache_dir, annotations)
+    dataset = CocoPointPromptDataset(coco, image_dir, image_ids, anns, image_size, cache.points)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+        collate_fn=collate_list, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
+    warmup = args.warmup_batches if args.warmup_batches is not None else (
+        3 if args.compile != "none" else 1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    ious: List[torch.Tensor] = []
+    skipped: List[str] = []
+    n_images = n_timed = 0
+    model_time = 0.0
+    t_timed_start = None
+    new_points: Dict[int, tuple] = {}
+    n_batches = math.ceil(len(dataset) / args.batch_size)
+    for b, batch in enumerate(loader):
+        if b == warmup:
+            sync()
+            t_timed_start = time.perf_counter()
+        for it in batch:
+            new_points.update(it["new_points"])
+            if it["error"] is not None:
+                skipped.append(f"{it['file_name']} ({it['error']})")
+        items = [it for it in batch if it["error"] is None]
+        sync()
+        t0 = time.perf_counter()
+        preds = predict_batch(sam, items, args.prompt_batching, device, dtype)
+        sync()
+        if b >= warmup:
+            model_time += time.perf_counter() - t0
+            n_timed += len(items)
+        for it, pred in zip(items, preds):
+            if pred.shape[0]:
+                gt = it["gt_masks"].to(device, non_blocking=True)
+                ious.append(mask_iou(pred, gt).cpu())
+        n_images += len(items)
+        print(f"\rbatch {b + 1}/{n_batches}", end="", file=sys.stderr, flush=True)
+    sync()
+    t_end = time.perf_counter()
+    print("", file=sys.stderr)
+    if new_points:
+        cache.update(new_points)
+        cache.save()
+    if skipped:
+        print(f"WARNING: skipped {len(skipped)} image(s): " + "; ".join(skipped[:10]),
+              file=sys.stderr)
+    if not ious:
+        raise RuntimeError("No image could be evaluated (all were skipped); see the warnings above.")
+    all_ious = torch.cat(ious)
+    if n_timed == 0:
+        print(f"WARNING: all {n_batches} batches were warm-up batches (--warmup-batches "
+              f"{warmup}); no throughput measured. Use more images or fewer warm-up batches.",
+              file=sys.stderr)
+    row = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model_type": "custom" if args.config_json else args.model_type,
+        "checkpoint": args.checkpoint or f"random-init(seed={args.seed})",
+        "device": str(device), "dtype": args.dtype, "compile": args.compile,
+        "attention": args.attention, "prompt_batching": args.prompt_batching,
+        "compress": args.compress, "batch_size": args.batch_size,
+        "num_workers": args.num_workers, "limit": args.limit if args.limit is not None else "",
+        "n_images": n_images, "n_annotations": int(all_ious.numel()),
+        "n_skipped_images": len(skipped), "warmup_batches": warmup, "timed_images": n_timed,
+        "miou": round(float(all_ious.mean()), 6),
+        "img_per_s_model": round(n_timed / model_time, 4) if n_timed else "",
+        "img_per_s_end_to_end": round(n_timed / (t_end - t_timed_start), 4) if n_timed else "",
+        "peak_gpu_memory_mib": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                                if device.type == "cuda" else ""),
+        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_version": torch.__version__, "git_commit": git_commit(),
+        "annotations": os.path.abspath(annotations),
+    }
+    append_csv(args.output, row)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate_args(args, parser)
+    try:
+        row = run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"mIoU {row['miou']:.4f} over {row['n_annotations']} annotations in {row['n_images']} "
+          f"images ({row['n_skipped_images']} skipped)")
+    if row["timed_images"]:
+        print(f"throughput: {row['img_per_s_model']} img/s model, {row['img_per_s_end_to_end']} "
+              f"img/s end to end ({row['timed_images']} images after {row['warmup_batches']} "
+              "warm-up batch(es))")
+    if row["peak_gpu_memory_mib"] != "":
+        print(f"peak GPU memory: {row['peak_gpu_memory_mib']} MiB on {row['gpu_name']}")
+    print(f"appended a row to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

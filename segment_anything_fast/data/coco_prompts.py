@@ -1,0 +1,169 @@
+"""COCO point-prompt evaluation data: center points, a DataLoader-ready dataset, mask IoU.
+
+For every annotation the prompt is the point farthest from the object boundary (OpenCV
+distance transform of the zero-padded mask, as in the SAM paper's point sampling), so it lies
+inside the object even for rings and C shapes. Points are cached on disk by annotation id.
+"""
+import contextlib
+import hashlib
+import io
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+
+def center_point(mask: np.ndarray) -> Tuple[float, float]:
+    """(x, y) of the pixel of ``mask`` farthest from its boundary (image edges count as boundary)."""
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {m.shape}.")
+    if not m.any():
+        raise ValueError("mask is empty: an annotation without pixels has no center point.")
+    padded = np.pad((m > 0).astype(np.uint8), 1)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(x), float(y)
+
+
+def mask_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """IoU per mask of boolean (N, H, W) tensors; an empty union counts as IoU 1."""
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt shapes differ: {tuple(pred.shape)} vs {tuple(gt.shape)}.")
+    p, g = pred.bool().flatten(1), gt.bool().flatten(1)
+    inter = (p & g).sum(1).float()
+    union = (p | g).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def load_coco(annotations: str):
+    """``pycocotools.coco.COCO`` for ``annotations`` (quiet), with a clear error when missing."""
+    from pycocotools.coco import COCO
+
+    if not os.path.isfile(annotations):
+        raise FileNotFoundError(
+            f"Annotation file {annotations!r} not found. Generate one with "
+            "`python scripts/make_synthetic_coco.py --output DIR` or pass --annotations.")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(annotations)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{annotations!r} is not a COCO instances file: {e}") from e
+
+
+def select_annotations(coco, image_ids: List[int]) -> Dict[int, List[dict]]:
+    """Non-crowd annotations per image; raises ValueError naming annotations without segmentation."""
+    per_image, bad = {}, []
+    for img_id in image_ids:
+        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id)) if not a.get("iscrowd", 0)]
+        for a in anns:
+            if not a.get("segmentation"):
+                bad.append(a.get("id"))
+        per_image[img_id] = anns
+    if bad:
+        raise ValueError(
+            f"{len(bad)} annotation(s) have no 'segmentation' (ids {bad[:5]}"
+            f"{' ...' if len(bad) > 5 else ''}); point-prompt mIoU needs a mask for every "
+            "annotation. Fix or remove them from the annotation file.")
+    return per_image
+
+
+class CenterPointCache:
+    """On-disk JSON map annotation id -> (x, y), keyed by the annotation file's identity."""
+
+    def __init__(self, cache_dir: Optional[str], annotations: str):
+        self.path = None
+        self.points: Dict[int, Tuple[float, float]] = {}
+        if cache_dir is None:
+            return
+        st = os.stat(annotations)
+        key = f"{os.path.abspath(annotations)}|{st.st_size}|{st.st_mtime_ns}"
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        self.path = os.path.join(cache_dir, f"center_points_{digest}.json")
+        if os.path.isfile(self.path):
+            try:
+                with open(self.path) as f:
+                    self.points = {int(k): tuple(v) for k, v in json.load(f).items()}
+            except (ValueError, OSError):
+                self.points = {}  # a corrupt cache is rebuilt
+
+    def update(self, new: Dict[int, Tuple[float, float]]) -> None:
+        self.points.update(new)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({str(k): list(v) for k, v in self.points.items()}, f)
+        os.replace(tmp, self.path)
+
+
+class CocoPointPromptDataset(torch.utils.data.Dataset):
+    """One item per image: resized uint8 image, transformed center points, GT masks.
+
+    Items are dicts with ``image`` (3, h, w) uint8 resized so the long side is
+    ``image_size``, ``original_size`` (H, W), ``points`` (K, 2) float in resized coordinates,
+    ``gt_masks`` (K, H, W) bool, ``ann_ids``, ``new_points`` (center points computed because the
+    cache missed them), ``image_id``, ``file_name``, and ``error`` (None, or why the image
+    could not be read; then the tensors are empty).
+    """
+
+    def __init__(self, coco, image_dir: str, image_ids: List[int], anns: Dict[int, List[dict]],
+                 image_size: int, cached_points: Optional[Dict[int, Tuple[float, float]]] = None):
+        from segment_anything_fast.utils.transforms import ResizeLongestSide
+
+        self.coco = coco
+        self.image_dir = image_dir
+        self.image_ids = list(image_ids)
+        self.anns = anns
+        self.transform = ResizeLongestSide(image_size)
+        self.cached = dict(cached_points or {})
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def __getitem__(self, i):
+        img_id = self.image_ids[i]
+        info = self.coco.loadImgs(img_id)[0]
+        path = os.path.join(self.image_dir, info["file_name"])
+        item = {"image_id": img_id, "file_name": path, "error": None, "new_points": {}}
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
+        if bgr is None:
+            item["error"] = "missing file" if not os.path.isfile(path) else "unreadable image"
+            return item
+        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        h, w = image.shape[:2]
+        gts, pts, ids = [], [], []
+        for a in self.anns[img_id]:
+            m = self.coco.annToMask(a)
+            if m.shape != (h, w):
+                item["error"] = (f"annotation {a['id']} mask is {m.shape[1]}x{m.shape[0]} but the "
+                                 f"image is {w}x{h}")
+                return item
+            if not m.any():
+                continue  # degenerate annotation: nothing to segment
+            p = self.cached.get(a["id"])
+            if p is None:
+                p = center_point(m)
+                item["new_points"][a["id"]] = p
+            gts.append(m.astype(bool))
+            pts.append(p)
+            ids.append(a["id"])
+        resized = self.transform.apply_image(image)
+        item["image"] = torch.from_numpy(np.array(resized, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+        item["original_size"] = (h, w)
+        coords = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+        item["points"] = torch.from_numpy(self.transform.apply_coords(coords, (h, w))).float()
+        item["gt_masks"] = torch.from_numpy(np.stack(gts)) if gts else torch.zeros((0, h, w), dtype=torch.bool)
+        item["ann_ids"] = ids
+        return item
+
+
+def collate_list(items):
+    """Keep a batch as a list (images and prompt counts differ)."""
+    return items

@@ -1,0 +1,213 @@
+"""experiments/eval_combo.py: metric arithmetic, prompt-batching modes, CSV row, bad input."""
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments import eval_combo as ec  # noqa: E402
+from segment_anything_fast.data.coco_prompts import (  # noqa: E402
+    CocoPointPromptDataset, load_coco, mask_iou, select_annotations,
+)
+from segment_anything_fast.data.synthetic_coco import encode_rle, write_coco_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth4")
+    write_coco_dataset(str(root), 4, seed=1, size=(160, 120))
+    return str(root)
+
+
+def _args(root, tmp_path, *extra):
+    return ["--coco-root", root, "--model-type", "tiny", "--device", "cpu", "--num-workers", "0",
+            "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "r.csv"), *extra]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_mask_iou_hand_made():
+    p = torch.zeros(3, 4, 4, dtype=torch.bool)
+    g = torch.zeros(3, 4, 4, dtype=torch.bool)
+    p[0, :2] = True            # 8 px
+    g[0, 1:3] = True           # 8 px, 4 shared -> 4 / 12
+    p[1, 0, 0] = True          # disjoint -> 0
+    g[1, 3, 3] = True
+    # p[2], g[2] both empty -> 1 by convention
+    np.testing.assert_allclose(mask_iou(p, g).numpy(), [4 / 12, 0.0, 1.0], rtol=1e-6)
+    assert mask_iou(g[:2], g[:2]).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="shapes differ"):
+        mask_iou(p, g[:, :3])
+
+
+def _hand_dataset(tmp_path):
+    """2 images, 3 annotations with known areas (one polygon, two RLE incl. a ring)."""
+    import cv2
+
+    root = tmp_path / "hand"
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    h, w = 40, 50
+    masks = {1: [np.zeros((h, w), bool)], 2: [np.zeros((h, w), bool), np.zeros((h, w), bool)]}
+    masks[1][0][5:25, 10:30] = True
+    masks[2][0][:, :10] = True
+    ring = np.zeros((h, w), np.uint8)
+    cv2.circle(ring, (30, 20), 12, 1, -1)
+    cv2.circle(ring, (30, 20), 6, 0, -1)
+    masks[2][1] = ring > 0
+    images, anns = [], []
+    for img_id, ms in masks.items():
+        cv2.imwrite(str(root / "val2017" / f"{img_id}.png"), np.full((h, w, 3), 100, np.uint8))
+        images.append({"id": img_id, "file_name": f"{img_id}.png", "width": w, "height": h})
+        for m in ms:
+            seg = [[10, 5, 29.999, 5, 29.999, 24.999, 10, 24.999]] if len(anns) == 0 else encode_rle(m)
+            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": 1,
+                         "segmentation": seg, "area": float(m.sum()), "bbox": [0, 0, 1, 1],
+                         "iscrowd": 0})
+    ds = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(ds))
+    return str(root), masks
+
+
+def test_miou_pipeline_with_oracle_and_full_predictors(tmp_path, monkeypatch):
+    root, _ = _hand_dataset(tmp_path)
+    coco = load_coco(os.path.join(root, "annotations", "instances_val2017.json"))
+    gt_areas = [coco.annToMask(a).sum() for a in coco.loadAnns(sorted(coco.getAnnIds()))]
+
+    def oracle(sam, items, mode, device, dtype):
+        return [it["gt_masks"].clone() for it in items]
+
+    monkeypatch.setattr(ec, "predict_batch", oracle)
+    assert ec.main(_args(root, tmp_path, "--batch-size", "2")) == 0
+    assert float(_rows(tmp_path / "r.csv")[-1]["miou"]) == 1.0
+
+    def full(sam, items, mode, device, dtype):
+        return [torch.ones_like(it["gt_masks"]) for it in items]
+
+    monkeypatch.setattr(ec, "predict_batch", full)
+    assert ec.main(_args(root, tmp_path)) == 0
+    expected = np.mean([a / (40 * 50) for a in gt_areas])
+    row = _rows(tmp_path / "r.csv")[-1]
+    assert abs(float(row["miou"]) - expected) < 1e-5
+    assert row["n_annotations"] == "3" and row["n_images"] == "2"
+
+
+def test_prompt_batching_modes_agree(synth):
+    torch.manual_seed(0)
+    args = ec.build_parser().parse_args(["--coco-root", synth, "--model-type", "tiny",
+                                         "--device", "cpu"])
+    sam = ec.build_model(args)
+    coco = load_coco(os.path.join(synth, "annotations", "instances_val2017.json"))
+    ids = sorted(coco.getImgIds())[:3]
+    ds = CocoPointPromptDataset(coco, os.path.join(synth, "val2017"), ids,
+                                select_annotations(coco, ids), 128)
+    items = [ds[i] for i in range(3)]
+    cpu = torch.device("cpu")
+    ref = ec.predict_batch(sam, items, "none", cpu, torch.float32)
+    assert [r.shape for r in ref] == [it["gt_masks"].shape for it in items]
+    for mode in ("padded", "nested"):
+        out = ec.predict_batch(sam, items, mode, cpu, torch.float32)
+        for a, b in zip(out, ref):
+            assert (a ^ b).sum() <= 2, mode  # fp32 batch-order noise at most
+    # The packed decoder equals MaskDecoder on one image.
+    emb = ec._encode(sam, [items[0]["image"]], cpu, torch.float32)
+    pts = items[0]["points"]
+    sparse, dense = ec._prompt(sam, pts, torch.ones(len(pts), dtype=torch.int))
+    with torch.no_grad():
+        m1, i1 = sam.mask_decoder(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, True)
+        m2, i2 = ec.decode_packed(sam, emb, torch.zeros(len(pts), dtype=torch.long), sparse, dense)
+    torch.testing.assert_close(m2[:, 1:], m1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(i2[:, 1:], i1, atol=1e-5, rtol=1e-5)
+
+
+def test_end_to_end_csv_row_and_cache(synth, tmp_path, capsys):
+    args = _args(synth, tmp_path, "--batch-size", "2", "--num-workers", "1",
+                 "--prompt-batching", "nested", "--limit", "4")
+    assert ec.main(args) == 0
+    out = capsys.readouterr()
+    assert "RANDOM weights" in out.err and "mIoU" in out.out
+    rows = _rows(tmp_path / "r.csv")
+    assert len(rows) == 1
+    row = rows[0]
+    assert tuple(row) == ec.CSV_FIELDS
+    for k in ec.CSV_FIELDS:
+        if k != "peak_gpu_memory_mib":  # empty on CPU by design
+            assert row[k] != "", k
+    assert row["n_images"] == "4" and row["timed_images"] == "2" and row["warmup_batches"] == "1"
+    assert 0.0 <= float(row["miou"]) <= 1.0
+    assert float(row["img_per_s_model"]) > 0 and float(row["img_per_s_end_to_end"]) > 0
+    assert row["torch_version"] == torch.__version__ and row["gpu_name"] == "cpu"
+    assert row["checkpoint"].startswith("random-init")
+    cache_files = os.listdir(tmp_path / "cache")
+    assert len(cache_files) == 1
+    cached = json.load(open(tmp_path / "cache" / cache_files[0]))
+    assert len(cached) == int(row["n_annotations"])
+    # Second run: points come from the cache, same seed -> same mIoU.
+    assert ec.main(args) == 0
+    rows = _rows(tmp_path / "r.csv")
+    assert len(rows) == 2 and rows[1]["miou"] == rows[0]["miou"]
+
+
+def test_missing_image_reported_and_skipped(synth, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(synth, root)
+    os.remove(root / "val2017" / "000000000002.jpg")
+    assert ec.main(_args(str(root), tmp_path, "--limit", "3", "--warmup-batches", "0")) == 0
+    err = capsys.readouterr().err
+    assert "missing" in err and "000000000002.jpg" in err
+    row = _rows(tmp_path / "r.csv")[-1]
+    assert row["n_skipped_images"] == "1" and row["n_images"] == "2"
+    for f in os.listdir(root / "val2017"):
+        os.remove(root / "val2017" / f)
+    assert ec.main(_args(str(root), tmp_path)) == 2
+    assert "None of the" in capsys.readouterr().err
+
+
+def test_bad_annotations_and_flags(tmp_path, capsys):
+    root, _ = _hand_dataset(tmp_path)
+    ann_path = os.path.join(root, "annotations", "instances_val2017.json")
+    ds = json.load(open(ann_path))
+    ds["annotations"][1]["segmentation"] = []
+    bad_path = tmp_path / "noseg.json"
+    bad_path.write_text(json.dumps(ds))
+    assert ec.main(_args(root, tmp_path, "--annotations", str(bad_path))) == 2
+    assert "no 'segmentation'" in capsys.readouterr().err
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    assert ec.main(_args(root, tmp_path, "--annotations", str(empty))) == 2
+    assert "lists no images" in capsys.readouterr().err
+    assert ec.main(_args(root, tmp_path, "--annotations", str(tmp_path / "nope.json"))) == 2
+    assert "not found" in capsys.readouterr().err
+    for flag, value in [("--prompt-batching", "ragged"), ("--compile", "fast"),
+                        ("--attention", "nope"), ("--dtype", "fp16"), ("--model-type", "vit_x"),
+                        ("--compress", "int3")]:
+        with pytest.raises(SystemExit) as e:
+            ec.main(_args(root, tmp_path, flag, value))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert value in err and "choose one of" in err, (flag, err)
+    with pytest.raises(SystemExit):
+        ec.main(_args(root, tmp_path, "--batch-size", "0"))
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        ec.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--coco-root", "--annotations", "--limit", "--batch-size", "--model-type",
+                 "--checkpoint", "--device", "--dtype", "--compile", "--attention",
+                 "--prompt-batching", "--compress", "--num-workers", "--output", "--config-json"):
+        assert flag in out
+    assert "not torch.nested" in out

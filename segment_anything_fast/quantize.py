@@ -17,11 +17,13 @@ Modes (``COMPRESS_MODES``):
                     at run time (torchao ``Int8DynamicActivationInt8WeightConfig``). CPU or GPU.
   int8_weight_only  int8 weights, activations kept in the model dtype (``Int8WeightOnlyConfig``).
   fp8               float8 e4m3 weights and dynamically quantized activations, per-row scales
-                    (``Float8DynamicActivationFloat8WeightConfig``); CUDA capability >= 8.9.
+                    (``Float8DynamicActivationFloat8WeightConfig``); CUDA capability >= 8.9,
+                    bf16 model.
   sparse_2_4        our magnitude pruning to 2:4 (see ``sparsity.py``), then
-                    ``torch.sparse.to_sparse_semi_structured``; CUDA capability >= 8.0.
+                    ``torch.sparse.to_sparse_semi_structured``; CUDA capability >= 8.0,
+                    bf16/fp16 model.
   fp8_sparse_2_4    2:4 pruning, then fp8 per-row with torchao's CUTLASS 2:4 fp8 kernel;
-                    CUDA capability >= 9.0 (Hopper).
+                    CUDA capability >= 9.0 (Hopper), bf16 model.
 int8 activations combined with 2:4 sparsity is not offered: torchao 0.18 removed that layout
 (version 1 of ``Int8DynamicActivationInt8WeightConfig``).
 
@@ -36,7 +38,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from .sparsity import check_sparse_gpu, prune_linears_2_4_, to_semi_structured_
+from .sparsity import prune_linears_2_4_, sparse_gpu_problem, to_semi_structured_
 
 COMPRESS_MODES = ("none", "int8_dynamic", "int8_weight_only", "fp8", "sparse_2_4", "fp8_sparse_2_4")
 _TORCHAO_MODES = ("int8_dynamic", "int8_weight_only", "fp8", "fp8_sparse_2_4")
@@ -75,18 +77,39 @@ def _import_torchao():
         ) from e
 
 
-def _check_capability(device: torch.device, mode: str, need: tuple, what: str) -> None:
+def _capability_problem(device: torch.device, need: tuple, what: str) -> Optional[str]:
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(
-            f"compress mode {mode!r} needs {what} (CUDA compute capability >= {need[0]}.{need[1]}); "
-            f"the image encoder is on {device}"
-        )
+        return f"{what} (CUDA compute capability >= {need[0]}.{need[1]}); the image encoder is on {device}"
     cap = torch.cuda.get_device_capability(device)
     if cap < need:
-        raise RuntimeError(
-            f"compress mode {mode!r} needs {what} (CUDA compute capability >= {need[0]}.{need[1]}); "
-            f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}"
-        )
+        return (f"{what} (CUDA compute capability >= {need[0]}.{need[1]}); "
+                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}")
+    return None
+
+
+# mode -> (GPU problem finder, weight dtypes the kernels take)
+_BF16 = (torch.bfloat16,)
+_REQUIREMENTS = {
+    "fp8": (lambda d: _capability_problem(d, (8, 9), "fp8 matmuls need an Ada/Hopper or newer GPU"), _BF16),
+    "fp8_sparse_2_4": (lambda d: _capability_problem(d, (9, 0), "torchao's CUTLASS fp8 2:4 kernel needs a Hopper GPU"), _BF16),
+    "sparse_2_4": (sparse_gpu_problem, (torch.bfloat16, torch.float16)),
+}
+
+
+def _check_requirements(mode: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise one RuntimeError listing every unmet hardware / dtype requirement of ``mode``."""
+    if mode not in _REQUIREMENTS:
+        return
+    gpu_problem, dtypes = _REQUIREMENTS[mode]
+    problems = []
+    if gpu_problem(device):
+        problems.append(gpu_problem(device))
+    if dtype not in dtypes:
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        problems.append(f"its kernels take {' or '.join(names)} weights but the image encoder has "
+                        f"{str(dtype).replace('torch.', '')} (convert first: sam.to(torch.{names[0]}))")
+    if problems:
+        raise RuntimeError(f"compress mode {mode!r} cannot run here: " + "; ".join(problems))
 
 
 def _torchao_config(q, mode: str):
@@ -129,16 +152,13 @@ def compress(model: nn.Module, mode: str) -> nn.Module:
                 "compress a freshly built model"
             )
     devices = {m.weight.device for m in targets}
-    if len(devices) != 1:
-        raise RuntimeError(f"image-encoder linears are spread over devices {sorted(map(str, devices))}; move the model to one device")
-    device = devices.pop()
-
-    if mode == "fp8":
-        _check_capability(device, mode, (8, 9), "an Ada/Hopper or newer GPU for fp8 matmuls")
-    elif mode == "fp8_sparse_2_4":
-        _check_capability(device, mode, (9, 0), "a Hopper GPU for torchao's CUTLASS fp8 2:4 kernel")
-    elif mode == "sparse_2_4":
-        check_sparse_gpu(device)
+    dtypes = {m.weight.dtype for m in targets}
+    if len(devices) != 1 or len(dtypes) != 1:
+        raise RuntimeError(
+            f"image-encoder linears are spread over devices {sorted(map(str, devices))} and dtypes "
+            f"{sorted(map(str, dtypes))}; move the model to one device and dtype first"
+        )
+    _check_requirements(mode, devices.pop(), dtypes.pop())
     q = _import_torchao() if mode in _TORCHAO_MODES else None
 
     if mode in ("sparse_2_4", "fp8_sparse_2_4"):

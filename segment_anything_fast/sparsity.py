@@ -6,7 +6,7 @@ dense weights then run on any device; converting them to PyTorch's semi-structur
 tensors (which only pay off with the sparse tensor-core kernels) needs a CUDA GPU of the
 Ampere generation or newer.
 """
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -73,17 +73,23 @@ def prune_linears_2_4_(module: nn.Module, filter_fn: FilterFn) -> List[str]:
     return names
 
 
-def check_sparse_gpu(device: torch.device) -> None:
-    """Raise a RuntimeError unless ``device`` can run the 2:4 sparse kernels."""
+def sparse_gpu_problem(device: torch.device) -> Optional[str]:
+    """Why ``device`` cannot run the 2:4 sparse kernels, or None when it can."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(f"{SPARSE_GPU_ERROR}; the model is on {device}")
+        return f"{SPARSE_GPU_ERROR}; the model is on {device}"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
-        raise RuntimeError(
-            f"{SPARSE_GPU_ERROR}; {torch.cuda.get_device_name(device)} has compute capability "
-            f"{major}.{minor}"
-        )
+        return (f"{SPARSE_GPU_ERROR}; {torch.cuda.get_device_name(device)} has compute capability "
+                f"{major}.{minor}")
+    return None
+
+
+def check_sparse_gpu(device: torch.device) -> None:
+    """Raise a RuntimeError unless ``device`` can run the 2:4 sparse kernels."""
+    problem = sparse_gpu_problem(device)
+    if problem:
+        raise RuntimeError(problem)
 
 
 @torch.no_grad()

@@ -1,0 +1,208 @@
+"""CPU tests of segment_anything_fast.quantize / sparsity on the TINY model (random weights)."""
+import copy
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from oracle import build_pair
+from segment_anything_fast.quantize import (
+    COMPRESS_MODES, InductorSettings, check_inductor_config_names, compress, encoder_linear_filter,
+    encoder_linears,
+)
+from segment_anything_fast.sparsity import (
+    SPARSE_GPU_ERROR, is_2_4_sparse, mask_2_4, prune_2_4, prune_linears_2_4_, to_semi_structured_,
+)
+
+ENCODER_LINEARS = [f"blocks.{i}.{n}" for i in range(4) for n in ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")]
+
+# Measured on TINY, seed 0, 3 single-point prompts x 3 multimask outputs, min mask IoU vs the
+# fp32 model: int8_dynamic 0.995, int8_weight_only 0.995, 2:4 pruning (dense) 0.874
+# (the whole model in bf16: 0.972).
+IOU_FLOOR = {"int8_dynamic": 0.97, "int8_weight_only": 0.97, "prune_2_4": 0.85}
+
+
+@pytest.fixture(scope="module")
+def models():
+    ours, orig = build_pair()
+    return ours, orig
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(3, 128, 128, generator=g) * 255
+    points = torch.tensor([[[40.0, 50.0]], [[90.0, 70.0]], [[64.0, 64.0]]])
+    return [{"image": image, "original_size": (128, 128), "point_coords": points,
+             "point_labels": torch.ones(3, 1)}]
+
+
+def masks(sam, batch):
+    with torch.no_grad():
+        return sam(batch, multimask_output=True)[0]["masks"]
+
+
+def min_iou(a, b):
+    inter = (a & b).flatten(-2).sum(-1).float()
+    union = (a | b).flatten(-2).sum(-1).float()
+    return (inter / union.clamp(min=1)).min().item()
+
+
+@pytest.fixture(scope="module")
+def ref_masks(models, batch):
+    m = masks(models[0], batch)
+    assert 0.05 < m.float().mean() < 0.95  # non-degenerate masks, or the IoU checks mean nothing
+    return m
+
+
+def test_modes_and_targets(models):
+    assert COMPRESS_MODES[0] == "none"
+    assert {"int8_dynamic", "int8_weight_only", "fp8", "sparse_2_4"} <= set(COMPRESS_MODES)
+    ours, orig = models
+    assert encoder_linears(ours) == ENCODER_LINEARS
+    assert encoder_linears(orig) == ENCODER_LINEARS  # same names in the original package
+    assert encoder_linears(ours.image_encoder) == ENCODER_LINEARS
+    assert not encoder_linear_filter(ours.image_encoder.patch_embed.proj, "patch_embed.proj")
+    assert not encoder_linear_filter(nn.Linear(4, 4), "mask_decoder.output_upscaling")
+
+
+def _plain(t):
+    return type(t) in (torch.Tensor, nn.Parameter) and type(t.data) is torch.Tensor
+
+
+@pytest.mark.parametrize("mode", ["int8_dynamic", "int8_weight_only"])
+def test_cpu_mode_runs_and_keeps_masks(models, batch, ref_masks, mode):
+    sam = copy.deepcopy(models[0])
+    assert compress(sam, mode) is sam
+    enc = sam.image_encoder
+    for name, mod in enc.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            assert _plain(mod.weight) == (name not in ENCODER_LINEARS), name
+    for part in (sam.prompt_encoder, sam.mask_decoder):
+        assert all(_plain(p) for p in part.parameters())
+    out = masks(sam, batch)
+    assert out.shape == ref_masks.shape
+    assert min_iou(out, ref_masks) >= IOU_FLOOR[mode]
+    with pytest.raises(RuntimeError, match="already compressed"):
+        compress(sam, mode)
+
+
+def test_compress_original_package_encoder(models):
+    enc = copy.deepcopy(models[1].image_encoder)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        ref = enc(x)
+        compress(enc, "int8_dynamic")
+        out = enc(x)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.995
+
+
+def test_none_is_identity(models):
+    sam = copy.deepcopy(models[0])
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    assert compress(sam, "none") is sam
+    assert all(torch.equal(before[k], v) for k, v in sam.state_dict().items())
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (48, 32), (3, 128)])
+def test_prune_2_4_pattern_keeps_largest(shape):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    mask = mask_2_4(w)
+    pruned = prune_2_4(w)
+    groups = pruned.reshape(shape[0], -1, 4)
+    assert ((groups == 0).sum(-1) == 2).all()
+    assert torch.equal(pruned[mask], w[mask]) and (pruned[~mask] == 0).all()
+    mag = w.abs().reshape(shape[0], -1, 4)
+    gmask = mask.reshape(shape[0], -1, 4)
+    kept_min = mag.masked_fill(~gmask, float("inf")).min(-1).values
+    dropped_max = mag.masked_fill(gmask, -1.0).max(-1).values
+    assert (kept_min >= dropped_max).all()
+    assert is_2_4_sparse(pruned) and not is_2_4_sparse(w)
+    assert prune_2_4(w.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_prune_rejects_bad_weights():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        mask_2_4(torch.randn(4, 6))
+    with pytest.raises(ValueError, match="2-D"):
+        mask_2_4(torch.randn(4, 4, 4))
+
+
+def test_pruned_model_pattern_and_masks(models, batch, ref_masks):
+    sam = copy.deepcopy(models[0])
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    names = prune_linears_2_4_(sam.image_encoder, encoder_linear_filter)
+    assert names == ENCODER_LINEARS
+    for key, value in sam.state_dict().items():
+        rel = key[len("image_encoder."):-len(".weight")] if key.startswith("image_encoder.") else None
+        if rel in ENCODER_LINEARS and key.endswith(".weight"):
+            groups = value.reshape(value.shape[0], -1, 4)
+            assert ((groups == 0).sum(-1) == 2).all(), key
+            assert torch.equal(value, prune_2_4(before[key])), key
+        else:
+            assert torch.equal(value, before[key]), key
+    assert min_iou(masks(sam, batch), ref_masks) >= IOU_FLOOR["prune_2_4"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU errors")
+def test_gpu_only_modes_fail_clearly_on_cpu(models):
+    sam = copy.deepcopy(models[0])
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"'fp8'.*capability >= 8\.9.*on cpu.*bfloat16 weights.*float32"):
+        compress(sam, "fp8")
+    with pytest.raises(RuntimeError, match=r"'fp8_sparse_2_4'.*capability >= 9\.0"):
+        compress(sam, "fp8_sparse_2_4")
+    with pytest.raises(RuntimeError, match=r"2:4 sparse kernels need a CUDA GPU \(Ampere or newer\).*"
+                                           r"bfloat16 or float16 weights"):
+        compress(sam, "sparse_2_4")
+    assert all(torch.equal(before[k], v) for k, v in sam.state_dict().items())  # nothing half-done
+    sam.to(torch.bfloat16)
+    for mode in ("fp8", "sparse_2_4"):
+        with pytest.raises(RuntimeError, match="CUDA") as err:
+            compress(sam, mode)
+        assert "weights" not in str(err.value)  # the dtype is fine now, only the device is named
+    with pytest.raises(RuntimeError, match="2:4 sparse kernels"):
+        to_semi_structured_(sam.image_encoder, encoder_linear_filter)
+    assert SPARSE_GPU_ERROR == "2:4 sparse kernels need a CUDA GPU (Ampere or newer)"
+
+
+def test_bad_arguments(models):
+    sam = copy.deepcopy(models[0])
+    with pytest.raises(ValueError, match="int8_dynamic, int8_weight_only, fp8, sparse_2_4"):
+        compress(sam, "int4")
+    with pytest.raises(ValueError, match="unknown compress mode"):
+        compress(sam, None)
+    with pytest.raises(TypeError, match="nn.Module"):
+        compress("sam", "int8_dynamic")
+    with pytest.raises(ValueError, match="no image-encoder linears"):
+        compress(nn.Sequential(nn.Linear(8, 8)), "int8_dynamic")
+
+
+def test_torchao_missing_is_named(models, monkeypatch):
+    for name in [n for n in sys.modules if n == "torchao" or n.startswith("torchao.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    sam = copy.deepcopy(models[0])
+    with pytest.raises(ImportError, match="pip install torchao"):
+        compress(sam, "int8_dynamic")
+
+
+def test_inductor_settings():
+    import torch._inductor.config as cfg
+
+    assert InductorSettings().options() == {}
+    s = InductorSettings.tutorial()
+    assert s.options() == {"force_fuse_int_mm_with_mul": True, "coordinate_descent_tuning": True,
+                           "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
+    old = cfg.epilogue_fusion, cfg.force_fuse_int_mm_with_mul
+    with InductorSettings(epilogue_fusion=not old[0], force_fuse_int_mm_with_mul=not old[1]).patch():
+        assert (cfg.epilogue_fusion, cfg.force_fuse_int_mm_with_mul) == (not old[0], not old[1])
+    assert (cfg.epilogue_fusion, cfg.force_fuse_int_mm_with_mul) == old
+    torch.compile(nn.Linear(2, 2), options=InductorSettings(epilogue_fusion_first=True).options())
+    with pytest.raises(RuntimeError, match="no inductor option.*fuse_everything_xyz"):
+        check_inductor_config_names(["epilogue_fusion", "fuse_everything_xyz"])
+    with pytest.raises(TypeError, match="True, False or None"):
+        InductorSettings(epilogue_fusion=1)
+    with pytest.raises(TypeError):
+        InductorSettings(unknown_option=True)

@@ -1,0 +1,92 @@
+"""Builders of the fast inference model: bf16, fused rel-pos attention, compiled, on the GPU.
+
+``sam_model_fast_registry[name](checkpoint)`` mirrors ``sam_model_registry`` and returns an
+eval-mode model that :class:`SamPredictor` and :class:`SamAutomaticMaskGenerator` take as is.
+"""
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .attention import check_backend
+from .build_sam import SamConfig, build_sam
+from .compile import DEFAULT_DECODER_BUCKETS, make_fast
+
+
+def _resolve_device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a valid torch device ({e}).") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "build_sam_fast(device='cuda') but CUDA is not available on this machine; pass "
+            "device='cpu' (and compile_mode=None for quick start-up) or use build_sam()."
+        )
+    return dev
+
+
+def build_sam_fast(
+    config: Union[str, SamConfig] = "vit_h",
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    *,
+    dtype: Optional[torch.dtype] = torch.bfloat16,
+    attention: str = "flex",
+    compile_mode: Optional[str] = "max-autotune",
+    batch_size: int = 1,
+    device: Union[str, torch.device] = "cuda",
+    regional: bool = False,
+    decoder_compile_mode: Optional[str] = "max-autotune-no-cudagraphs",
+    decoder_buckets: Sequence[int] = DEFAULT_DECODER_BUCKETS,
+):
+    """Build SAM for fast inference.
+
+    Args:
+        config: "vit_h" / "vit_l" / "vit_b" / "default" or a :class:`SamConfig`.
+        checkpoint: optional state-dict file (official SAM checkpoints load as is).
+        dtype: weights and activations dtype (None keeps float32).
+        attention: image-encoder attention backend: "flex" (FlexAttention, rel-pos bias fused),
+            "triton" (our fused kernel, CUDA only), "sdpa" or "math".
+        compile_mode: torch.compile mode of the image encoder ("max-autotune" uses CUDA graphs),
+            or None for eager.
+        batch_size: static encoder batch; smaller batches are padded to it, larger ones chunked.
+        device: where the model runs.
+        regional: compile one windowed and one global block and reuse them (faster compile).
+        decoder_compile_mode: torch.compile mode of the mask decoder, or None for eager.
+        decoder_buckets: prompt counts the decoder is compiled for (inputs padded up to one).
+    """
+    dev = _resolve_device(device)
+    check_backend(attention)
+    if attention == "triton" and dev.type != "cuda":
+        raise ValueError("attention='triton' needs device='cuda'; use 'flex' or 'sdpa' on the CPU.")
+    sam = build_sam(config, checkpoint, attention=attention).to(dev)
+    return make_fast(
+        sam,
+        dtype=dtype,
+        attention=attention,
+        compile_mode=compile_mode,
+        batch_size=batch_size,
+        regional=regional,
+        decoder_mode=decoder_compile_mode,
+        decoder_buckets=decoder_buckets,
+    )
+
+
+def build_sam_fast_vit_h(checkpoint=None, **kwargs):
+    return build_sam_fast("vit_h", checkpoint, **kwargs)
+
+
+def build_sam_fast_vit_l(checkpoint=None, **kwargs):
+    return build_sam_fast("vit_l", checkpoint, **kwargs)
+
+
+def build_sam_fast_vit_b(checkpoint=None, **kwargs):
+    return build_sam_fast("vit_b", checkpoint, **kwargs)
+
+
+sam_model_fast_registry = {
+    "default": build_sam_fast_vit_h,
+    "vit_h": build_sam_fast_vit_h,
+    "vit_l": build_sam_fast_vit_l,
+    "vit_b": build_sam_fast_vit_b,
+}

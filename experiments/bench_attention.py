@@ -1,0 +1,134 @@
+"""Rel-pos attention kernels on the GPU: accuracy vs a float32 reference and speed.
+
+Shapes are SAM's at a given image batch: global layers (64x64 grid) and windowed layers
+(25 windows of 14x14 per image), for vit_b (12 heads x 64) and vit_h (16 heads x 80).
+Backends: "sdpa" (dense bias as attn_mask), "flex" (score_mod), "triton" (ours, with the
+table config and a sweep of launch configs, so kernel_config can be set from measurements).
+
+    python experiments/bench_attention.py --batch 8 --out experiments/results/attention.json
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from segment_anything_fast.attention import dense_bias, rel_pos_attention
+from segment_anything_fast.triton_attention import kernel_config, triton_rel_pos_attention
+
+SHAPES = {  # name: (images -> batch multiplier, heads, grid, head dim)
+    "vit_b_global": (1, 12, 64, 64),
+    "vit_b_window": (25, 12, 14, 64),
+    "vit_h_global": (1, 16, 64, 80),
+    "vit_h_window": (25, 16, 14, 80),
+}
+
+
+def make_inputs(batch, mult, nh, grid, d, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B, N = batch * mult, grid * grid
+    # q, k, v as views of one qkv tensor, as the encoder produces them
+    qkv = torch.randn(B, N, 3, nh, d, device="cuda", generator=g, dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    rh = torch.randn(B, nh, N, grid, device="cuda", generator=g, dtype=dtype)
+    rw = torch.randn(B, nh, N, grid, device="cuda", generator=g, dtype=dtype)
+    return q, k, v, rh, rw
+
+
+def reference(q, k, v, rh, rw):
+    """float32 math in chunks of (batch) to bound memory."""
+    outs = []
+    for i in range(q.shape[0]):
+        qi, ki, vi = (t[i : i + 1].float() for t in (q, k, v))
+        s = qi @ ki.transpose(-2, -1) * qi.shape[-1] ** -0.5
+        s = s + dense_bias(rh[i : i + 1].float(), rw[i : i + 1].float())
+        outs.append(s.softmax(-1) @ vi)
+    return torch.cat(outs)
+
+
+def bench(fn, iters=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def sweep_configs(name):
+    wp = 64 if "global" in name else 16
+    rows_opts = [1, 2] if wp == 64 else [2, 4, 8]
+    out = []
+    for bm in (64, 128):
+        for rows in rows_opts:
+            for nw in (4, 8):
+                for ns in (1, 2, 3):
+                    if bm == 64 and nw == 8:
+                        continue
+                    out.append(dict(BLOCK_M=bm, ROWS=rows, num_warps=nw, num_stages=ns))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import segment_anything_fast.flex_attention  # noqa: F401  (registers "flex")
+
+    cap = torch.cuda.get_device_capability()
+    rows = []
+    for name in args.shapes:
+        mult, nh, grid, d = SHAPES[name]
+        q, k, v, rh, rw = make_inputs(args.batch, mult, nh, grid, d)
+        ref = reference(q, k, v, rh, rw)
+        flops = 4 * q.shape[0] * nh * (grid * grid) ** 2 * d
+        variants = {
+            "sdpa_dense_bias": lambda: rel_pos_attention(q, k, v, rh, rw, "sdpa"),
+            "flex": lambda: rel_pos_attention(q, k, v, rh, rw, "flex"),
+            "triton": lambda: rel_pos_attention(q, k, v, rh, rw, "triton"),
+        }
+        if not args.no_sweep:
+            for cfg in sweep_configs(name):
+                key = "triton[{BLOCK_M},{ROWS},{num_warps},{num_stages}]".format(**cfg)
+                variants[key] = (lambda c: lambda: triton_rel_pos_attention(q, k, v, rh, rw, config=c))(cfg)
+        for vname, fn in variants.items():
+            t0 = time.time()
+            try:
+                out = fn()
+                torch.cuda.synchronize()
+                first = time.time() - t0
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                ms = bench(fn)
+            except Exception as e:  # a config that does not fit (shared memory) is skipped
+                print(f"{name:14s} {vname:28s} FAILED {type(e).__name__}: {str(e)[:120]}")
+                continue
+            row = dict(shape=name, batch=args.batch, variant=vname, ms=ms,
+                       tflops=flops / ms / 1e9, rel_err=err, first_s=first)
+            rows.append(row)
+            print(f"{name:14s} {vname:28s} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s "
+                  f"err {err:.2e} first {first:.1f}s", flush=True)
+        print(f"{name}: table config {kernel_config(grid * grid, grid, d, cap)}")
+        best = min((r for r in rows if r["shape"] == name and r["variant"].startswith("triton")),
+                   key=lambda r: r["ms"], default=None)
+        if best:
+            print(f"{name}: best triton {best['variant']} {best['ms']:.3f} ms")
+        del q, k, v, rh, rw, ref
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,6 @@
 import os
 import pickle
 import re
-import zipfile
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Dict, Mapping, Optional, Tuple, Union
@@ -138,8 +137,27 @@ def build_sam(
         config, checkpoint = "vit_h", config
     cfg = _resolve_config(config)
     check_backend(attention)
+    if checkpoint is None:
+        return _construct(cfg, attention).eval()
+    # Read and check the file first (fast, clear errors), then skip the random init: build
+    # on the meta device and adopt the checkpoint's tensors.
+    state_dict = load_state_dict_file(checkpoint)
+    with torch.device("meta"):
+        sam = _construct(cfg, attention)
+    check_state_dict(sam, state_dict, _config_name(cfg), source=os.fspath(checkpoint))
+    state_dict = {
+        k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()
+    }
+    sam.load_state_dict(state_dict, strict=True, assign=True)
+    for m in sam.modules():
+        if hasattr(m, "init_nonpersistent_buffers"):
+            m.init_nonpersistent_buffers(torch.device("cpu"))
+    return sam.eval()
+
+
+def _construct(cfg: SamConfig, attention: str) -> Sam:
     emb = cfg.image_embedding_size
-    sam = Sam(
+    return Sam(
         image_encoder=ImageEncoderViT(
             img_size=cfg.image_size,
             patch_size=cfg.patch_size,
@@ -176,10 +194,6 @@ def build_sam(
         pixel_mean=PIXEL_MEAN,
         pixel_std=PIXEL_STD,
     )
-    sam.eval()
-    if checkpoint is not None:
-        load_checkpoint_into(sam, load_state_dict_file(checkpoint), _config_name(cfg))
-    return sam
 
 
 def build_sam_vit_h(checkpoint=None, *, attention: str = "math") -> Sam:
@@ -236,8 +250,8 @@ def load_state_dict_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tenso
             f"{_NOT_SAM.format(path=repr(path))}: the file could not be unpickled ({msg.splitlines()[0]}). "
             "Is it truncated or a different file type?"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # corrupt data makes the unpickler fail in many ways
+        first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         raise ValueError(
             f"{_NOT_SAM.format(path=repr(path))}: torch.load could not read it ({first}). "
             "The file is probably truncated (re-download it) or not a PyTorch checkpoint."
@@ -297,14 +311,27 @@ def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
     return f"custom (embed dim {width}, {depth} blocks)"
 
 
+def _shape_summary(state_dict, detected: str) -> str:
+    if detected not in SAM_CONFIGS:
+        return ""
+    cfg = SAM_CONFIGS[detected]
+    return f" (embed dim {cfg.encoder_embed_dim}, {cfg.encoder_depth} blocks)"
+
+
 def _fmt(names, n=5) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - n} more" if len(names) > n else ""
     return ", ".join(names[:n]) + more
 
 
-def load_checkpoint_into(model: Sam, state_dict: Mapping[str, torch.Tensor], model_type: str) -> None:
-    """``model.load_state_dict(state_dict)`` with errors naming the likely checkpoint type."""
+def check_state_dict(
+    model: Sam, state_dict: Mapping[str, torch.Tensor], model_type: str, source: str = ""
+) -> None:
+    """Raise ValueError unless ``state_dict`` has exactly ``model``'s keys and shapes.
+
+    The message names the model type the checkpoint looks like and the first offending keys.
+    Works on a model built on the meta device.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -314,12 +341,12 @@ def load_checkpoint_into(model: Sam, state_dict: Mapping[str, torch.Tensor], mod
         if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
     ]
     if not (missing or unexpected or shape_bad):
-        model.load_state_dict(state_dict, strict=True)
         return
     detected = detect_model_type(state_dict)
+    what = f"The checkpoint {source!r}" if source else "The checkpoint"
     if detected is None:
         raise ValueError(
-            f"The checkpoint is not a SAM checkpoint state_dict (no image_encoder weights found). "
+            f"{what} is not a SAM checkpoint state_dict (no image_encoder weights found). "
             f"Missing keys: {_fmt(missing)}; unexpected keys: {_fmt(unexpected)}."
         )
     parts = []
@@ -330,10 +357,11 @@ def load_checkpoint_into(model: Sam, state_dict: Mapping[str, torch.Tensor], mod
             else " Build it with a matching SamConfig."
         )
         parts.append(
-            f"The checkpoint looks like {detected}, but the model being built is {model_type}.{hint}"
+            f"{what} looks like {detected}{_shape_summary(state_dict, detected)}, "
+            f"but the model being built is {model_type}.{hint}"
         )
     else:
-        parts.append(f"The checkpoint does not match the {model_type} model.")
+        parts.append(f"{what} does not match the {model_type} model.")
     if shape_bad:
         parts.append(f"{len(shape_bad)} shape mismatches (checkpoint vs model): {_fmt(shape_bad, 3)}.")
     if missing:

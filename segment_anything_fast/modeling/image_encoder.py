@@ -189,12 +189,18 @@ class Attention(nn.Module):
                 nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
                 nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
             # Index tables for the configured grid; not part of the checkpoint.
-            self.register_buffer(
-                "rel_index_h", _rel_pos_index(input_size[0], input_size[0]), persistent=False
-            )
-            self.register_buffer(
-                "rel_index_w", _rel_pos_index(input_size[1], input_size[1]), persistent=False
-            )
+            self.register_buffer("rel_index_h", torch.empty(0, dtype=torch.long), persistent=False)
+            self.register_buffer("rel_index_w", torch.empty(0, dtype=torch.long), persistent=False)
+            self.init_nonpersistent_buffers()
+
+    def init_nonpersistent_buffers(self, device=None) -> None:
+        """(Re)compute the rel-pos index tables, e.g. after building on the meta device."""
+        if not self.use_rel_pos:
+            return
+        device = self.rel_pos_h.device if device is None else device
+        h, w = self.input_size
+        self.rel_index_h = _rel_pos_index(h, h).to(device)
+        self.rel_index_w = _rel_pos_index(w, w).to(device)
 
     def _rel_tables(self, H: int, W: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(H, H, C) and (W, W, C) gathered rel-pos embeddings for an HxW grid."""

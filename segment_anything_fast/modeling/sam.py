@@ -28,12 +28,17 @@ class Sam(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
-        self.register_buffer(
-            "pixel_mean", torch.tensor(list(pixel_mean), dtype=torch.float32).view(-1, 1, 1), False
-        )
-        self.register_buffer(
-            "pixel_std", torch.tensor(list(pixel_std), dtype=torch.float32).view(-1, 1, 1), False
-        )
+        self._pixel_stats = (tuple(float(v) for v in pixel_mean), tuple(float(v) for v in pixel_std))
+        self.register_buffer("pixel_mean", torch.empty(0), False)
+        self.register_buffer("pixel_std", torch.empty(0), False)
+        self.init_nonpersistent_buffers()
+
+    def init_nonpersistent_buffers(self, device=None) -> None:
+        """(Re)create pixel_mean/pixel_std, e.g. after building on the meta device."""
+        device = self.pixel_mean.device if device is None else device
+        mean, std = self._pixel_stats
+        self.pixel_mean = torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.pixel_std = torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
 
     @property
     def device(self) -> torch.device:

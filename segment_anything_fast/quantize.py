@@ -19,7 +19,8 @@ Modes (``COMPRESS_MODES``):
   fp8               float8 e4m3 weights and dynamically quantized activations, per-row scales
                     (``Float8DynamicActivationFloat8WeightConfig``); CUDA capability >= 8.9,
                     bf16 model.
-  sparse_2_4        our magnitude pruning to 2:4 (see ``sparsity.py``), then
+  sparse_2_4        our 2:4 pruning (magnitude, or Wanda with ``calibration``; see
+                    ``sparsity.py``), then
                     ``torch.sparse.to_sparse_semi_structured``; CUDA capability >= 8.0,
                     bf16/fp16 model.
   fp8_sparse_2_4    2:4 pruning, then fp8 per-row with torchao's CUTLASS 2:4 fp8 kernel;
@@ -38,10 +39,11 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from .sparsity import prune_linears_2_4_, sparse_gpu_problem, to_semi_structured_
+from .sparsity import input_channel_norms, prune_linears_2_4_, sparse_gpu_problem, to_semi_structured_
 
 COMPRESS_MODES = ("none", "int8_dynamic", "int8_weight_only", "fp8", "sparse_2_4", "fp8_sparse_2_4")
 _TORCHAO_MODES = ("int8_dynamic", "int8_weight_only", "fp8", "fp8_sparse_2_4")
+_SPARSE_MODES = ("sparse_2_4", "fp8_sparse_2_4")
 
 ENCODER_LINEAR_PATTERN = re.compile(r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(lin1|lin2))")
 
@@ -127,12 +129,28 @@ def _torchao_config(q, mode: str):
     )
 
 
-def compress(model: nn.Module, mode: str) -> nn.Module:
+def _check_calibration(calibration, mode: str, encoder: nn.Module) -> None:
+    if mode not in _SPARSE_MODES:
+        raise ValueError(f"calibration images are used only by the 2:4 modes {_SPARSE_MODES}, not by {mode!r}; drop the argument")
+    size = getattr(encoder, "img_size", None)
+    if (not isinstance(calibration, torch.Tensor) or not calibration.is_floating_point() or calibration.dim() != 4
+            or calibration.shape[1] != 3 or (size is not None and tuple(calibration.shape[2:]) != (size, size))):
+        shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise ValueError(
+            f"calibration must be a float tensor (B, 3, {size or 'S'}, {size or 'S'}) of images already through "
+            f"sam.preprocess, got {shape}"
+        )
+
+
+def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor] = None) -> nn.Module:
     """Compress, in place, the image-encoder linears of ``model`` (a Sam or its image encoder)
     with ``mode`` (one of ``COMPRESS_MODES``) and return ``model``.
 
     Call it on the model already moved to its final device and dtype (bf16 on GPUs) and before
     ``torch.compile``. Every check runs before any weight is changed.
+    ``calibration`` (2:4 modes only): a (B, 3, S, S) batch of ``sam.preprocess``-ed images; the
+    encoder runs on it once and pruning then keeps, in each group of 4, the 2 weights with the
+    largest ``|w| * ||input channel||`` (Wanda) instead of the largest ``|w|``.
     """
     if not isinstance(mode, str) or mode not in COMPRESS_MODES:
         raise ValueError(f"unknown compress mode {mode!r}; choose one of {', '.join(COMPRESS_MODES)}")
@@ -143,6 +161,8 @@ def compress(model: nn.Module, mode: str) -> nn.Module:
             f"found no image-encoder linears (blocks.N.attn.qkv/proj, blocks.N.mlp.lin1/lin2) in "
             f"{type(model).__name__}; pass a Sam model or its image_encoder"
         )
+    if calibration is not None:
+        _check_calibration(calibration, mode, encoder)
     if mode == "none":
         return model
     for m in targets:
@@ -158,11 +178,16 @@ def compress(model: nn.Module, mode: str) -> nn.Module:
             f"image-encoder linears are spread over devices {sorted(map(str, devices))} and dtypes "
             f"{sorted(map(str, dtypes))}; move the model to one device and dtype first"
         )
-    _check_requirements(mode, devices.pop(), dtypes.pop())
+    device, dtype = devices.pop(), dtypes.pop()
+    _check_requirements(mode, device, dtype)
     q = _import_torchao() if mode in _TORCHAO_MODES else None
 
-    if mode in ("sparse_2_4", "fp8_sparse_2_4"):
-        prune_linears_2_4_(encoder, encoder_linear_filter)
+    if mode in _SPARSE_MODES:
+        norms = None
+        if calibration is not None:
+            x = calibration.to(device=device, dtype=dtype)
+            norms = input_channel_norms(encoder, encoder_linear_filter, lambda: encoder(x))
+        prune_linears_2_4_(encoder, encoder_linear_filter, norms)
     if mode == "sparse_2_4":
         to_semi_structured_(encoder, encoder_linear_filter)
     else:

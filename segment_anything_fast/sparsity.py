@@ -1,12 +1,15 @@
 """2:4 (semi-structured) sparsity for linear weights.
 
 Pruning is ours and device independent: in every group of 4 consecutive weights along the
-input dimension the 2 of largest magnitude are kept and the other 2 set to zero. The pruned
-dense weights then run on any device; converting them to PyTorch's semi-structured sparse
-tensors (which only pay off with the sparse tensor-core kernels) needs a CUDA GPU of the
-Ampere generation or newer.
+input dimension the 2 with the largest score are kept and the other 2 set to zero. The score
+is the magnitude ``|w|``, or, given calibration statistics, ``|w| * ||x_j||`` where ``||x_j||``
+is the L2 norm of input channel j over the calibration tokens (the Wanda criterion, Sun et al.
+2023): a small weight on a loud channel can matter more than a large one on a quiet channel.
+The pruned dense weights run on any device; converting them to PyTorch's semi-structured
+sparse tensors (which only pay off with the sparse tensor-core kernels) needs a CUDA GPU of
+the Ampere generation or newer.
 """
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -22,9 +25,9 @@ def _check_weight(weight: torch.Tensor) -> None:
             f"2:4 pruning expects a 2-D (out_features, in_features) weight, got "
             f"{type(weight).__name__} with shape {tuple(getattr(weight, 'shape', ()))}"
         )
-    if type(weight) not in (torch.Tensor, nn.Parameter):
+    if type(weight) not in (torch.Tensor, nn.Parameter) or type(weight.data) is not torch.Tensor:
         raise RuntimeError(
-            f"2:4 pruning needs a plain dense weight, got {type(weight).__name__}; "
+            f"2:4 pruning needs a plain dense weight, got {type(weight.data).__name__}; "
             "prune before quantizing or converting to a sparse layout"
         )
     if weight.shape[1] % 4:
@@ -34,20 +37,30 @@ def _check_weight(weight: torch.Tensor) -> None:
         )
 
 
-def mask_2_4(weight: torch.Tensor) -> torch.Tensor:
-    """Boolean keep-mask of ``weight`` (out, in): True at the 2 largest |w| of each group of 4."""
+def mask_2_4(weight: torch.Tensor, input_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean keep-mask of ``weight`` (out, in): True at the 2 best-scored entries of each
+    group of 4. Score: ``|w|``, times ``input_norm[j]`` (shape (in,), >= 0) when given."""
     _check_weight(weight)
     out_f, in_f = weight.shape
-    groups = weight.detach().abs().float().reshape(out_f, in_f // 4, 4)
+    score = weight.detach().abs().float()
+    if input_norm is not None:
+        if not isinstance(input_norm, torch.Tensor) or input_norm.shape != (in_f,):
+            raise ValueError(f"input_norm must be a tensor of shape ({in_f},), got "
+                             f"{tuple(getattr(input_norm, 'shape', ())) or type(input_norm).__name__}")
+        if not bool(torch.isfinite(input_norm).all()) or bool((input_norm < 0).any()):
+            raise ValueError("input_norm must be finite and non-negative (per-channel L2 norms)")
+        score = score * input_norm.detach().float().to(score.device)
+    groups = score.reshape(out_f, in_f // 4, 4)
     keep = groups.topk(2, dim=-1).indices
     mask = torch.zeros(groups.shape, dtype=torch.bool, device=weight.device)
     mask.scatter_(-1, keep, True)
     return mask.reshape(out_f, in_f)
 
 
-def prune_2_4(weight: torch.Tensor) -> torch.Tensor:
-    """A copy of ``weight`` with the 2 smallest-magnitude entries of each group of 4 zeroed."""
-    return weight.detach() * mask_2_4(weight).to(weight.dtype)
+def prune_2_4(weight: torch.Tensor, input_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A copy of ``weight`` with the 2 lowest-scored entries of each group of 4 zeroed
+    (score as in ``mask_2_4``)."""
+    return weight.detach() * mask_2_4(weight, input_norm).to(weight.dtype)
 
 
 def is_2_4_sparse(weight: torch.Tensor) -> bool:
@@ -63,14 +76,46 @@ def _selected_linears(module: nn.Module, filter_fn: FilterFn) -> List[tuple]:
 
 
 @torch.no_grad()
-def prune_linears_2_4_(module: nn.Module, filter_fn: FilterFn) -> List[str]:
+def input_channel_norms(module: nn.Module, filter_fn: FilterFn, run: Callable[[], object]) -> Dict[str, torch.Tensor]:
+    """Per-input-channel L2 norms (float32, shape (in,)) of every selected linear's input,
+    accumulated over all tokens seen while ``run()`` executes ``module`` (the calibration pass)."""
+    sums: Dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def pre(mod, args):
+            x = args[0].detach().float()
+            sq = x.reshape(-1, x.shape[-1]).square().sum(0)
+            sums[name] = sums[name] + sq if name in sums else sq
+        return pre
+
+    handles = [lin.register_forward_pre_hook(hook(n)) for n, lin in _selected_linears(module, filter_fn)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n, _ in _selected_linears(module, filter_fn) if n not in sums]
+    if missing:
+        raise RuntimeError(f"the calibration pass never ran {', '.join(missing)}")
+    return {n: v.sqrt() for n, v in sums.items()}
+
+
+@torch.no_grad()
+def prune_linears_2_4_(module: nn.Module, filter_fn: FilterFn,
+                       input_norms: Optional[Dict[str, torch.Tensor]] = None) -> List[str]:
     """Prune, in place, the weight of every ``nn.Linear`` in ``module`` selected by
-    ``filter_fn(submodule, qualified_name)``; returns the pruned names."""
-    names = []
-    for name, lin in _selected_linears(module, filter_fn):
-        lin.weight.copy_(prune_2_4(lin.weight))
-        names.append(name)
-    return names
+    ``filter_fn(submodule, qualified_name)``, by magnitude or, with ``input_norms`` (from
+    ``input_channel_norms``), by the Wanda score; returns the pruned names."""
+    selected = _selected_linears(module, filter_fn)
+    if input_norms is not None:
+        missing = [n for n, _ in selected if n not in input_norms]
+        if missing:
+            raise ValueError(f"input_norms lacks {', '.join(missing)}")
+    for _, lin in selected:  # validate all before changing any
+        _check_weight(lin.weight)
+    for name, lin in selected:
+        lin.weight.copy_(prune_2_4(lin.weight, None if input_norms is None else input_norms[name]))
+    return [n for n, _ in selected]
 
 
 def sparse_gpu_problem(device: torch.device) -> Optional[str]:

@@ -185,6 +185,7 @@ def model_config(args):
 def build_model(args):
     """Build, move, cast, compress and compile the model as the flags say."""
     from segment_anything_fast.build_sam import build_sam
+    from segment_anything_fast.compile import cast_model, compile_image_encoder, compile_mask_decoder
 
     if args.checkpoint is None:
         print("NOTE: no --checkpoint given: the model has RANDOM weights; the mIoU below is "
@@ -192,15 +193,21 @@ def build_model(args):
               file=sys.stderr)
     torch.manual_seed(args.seed)
     sam = build_sam(model_config(args), args.checkpoint, attention=args.attention)
-    dtype = getattr(torch, args.dtype)
-    sam = sam.to(device=args.device, dtype=dtype).eval()
+    sam = cast_model(sam.to(args.device), getattr(torch, args.dtype)).eval()
     if args.compress != "none":
         from segment_anything_fast.quantize import compress
 
         compress(sam, args.compress)
     if args.compile != "none":
-        sam.image_encoder = torch.compile(sam.image_encoder, mode=args.compile)
-        sam.mask_decoder = torch.compile(sam.mask_decoder, mode=args.compile)
+        # Static shapes: the encoder batch is padded to --batch-size, decoder prompt counts to
+        # buckets; CUDA graphs (max-autotune) only for the encoder, as build_sam_fast does.
+        sam.image_encoder = compile_image_encoder(
+            sam.image_encoder, mode=args.compile,
+            batch_size=1 if args.prompt_batching == "none" else args.batch_size)
+        dec_mode = "max-autotune-no-cudagraphs" if args.compile == "max-autotune" else args.compile
+        sam.mask_decoder = compile_mask_decoder(sam.mask_decoder, mode=dec_mode)
+        # nested mode's packed decoder sees a different total prompt count every batch.
+        sam._packed_decoder = torch.compile(decode_packed, mode=dec_mode, dynamic=True)
     return sam
 
 
@@ -216,6 +223,7 @@ def decode_packed(sam, embeddings, image_index, sparse, dense):
     single image's. Returns all mask tokens' (P, T, 4h, 4w) masks and (P, T) IoU predictions.
     """
     dec = sam.mask_decoder
+    dec = getattr(dec, "inner", dec)  # the eager module behind a compiled BucketedMaskDecoder
     dtype = dec.iou_token.weight.dtype
     sparse = sparse.to(dtype)
     out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
@@ -274,7 +282,8 @@ def predict_batch(sam, items: List[dict], mode: str, device, dtype) -> List[torc
                 torch.arange(len(group), device=device), torch.tensor(counts, device=device))
             labels = torch.ones(pts.shape[0], dtype=torch.int, device=device)
             sparse, dense = _prompt(sam, pts, labels)
-            low, iou = decode_packed(sam, emb, index, sparse, dense)
+            packed = getattr(sam, "_packed_decoder", decode_packed)
+            low, iou = packed(sam, emb, index, sparse, dense)
             low, iou = low[:, 1:], iou[:, 1:]  # multimask outputs
             start = 0
             for j, i in enumerate(group):

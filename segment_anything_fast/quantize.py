@@ -20,9 +20,8 @@ Modes (``COMPRESS_MODES``):
                     (``Float8DynamicActivationFloat8WeightConfig``); CUDA capability >= 8.9,
                     bf16 model.
   sparse_2_4        our 2:4 pruning (magnitude, or Wanda with ``calibration``; see
-                    ``sparsity.py``), then
-                    ``torch.sparse.to_sparse_semi_structured``; CUDA capability >= 8.0,
-                    bf16/fp16 model.
+                    ``sparsity.py``), then ``torch.sparse.to_sparse_semi_structured``;
+                    CUDA capability >= 8.0, bf16/fp16 model.
   fp8_sparse_2_4    2:4 pruning, then fp8 per-row with torchao's CUTLASS 2:4 fp8 kernel;
                     CUDA capability >= 9.0 (Hopper), bf16 model.
 int8 activations combined with 2:4 sparsity is not offered: torchao 0.18 removed that layout
@@ -70,13 +69,20 @@ def encoder_linears(model) -> List[str]:
 
 def _import_torchao():
     try:
-        importlib.import_module("torchao")
-        return importlib.import_module("torchao.quantization")
+        torchao = importlib.import_module("torchao")
+        q = importlib.import_module("torchao.quantization")
     except ImportError as e:
         raise ImportError(
             f"this compression mode needs torchao (>= 0.18), which could not be imported ({e}); "
             "install it with `pip install torchao`"
         ) from e
+    found = re.match(r"(\d+)\.(\d+)", getattr(torchao, "__version__", ""))
+    if found is None or (int(found[1]), int(found[2])) < (0, 18):
+        raise ImportError(
+            f"this compression mode needs torchao >= 0.18 (its quantize_ configs), found "
+            f"{getattr(torchao, '__version__', 'unknown')}; upgrade with `pip install -U torchao`"
+        )
+    return q
 
 
 def _capability_problem(device: torch.device, need: tuple, what: str) -> Optional[str]:
@@ -200,9 +206,9 @@ class InductorSettings:
     """Inductor options from the torchao SAM tutorial, each ``None`` (leave torch's value) or a bool.
 
     Field names are ``torch._inductor.config`` names; a name this torch lacks raises, never
-    ignored. Use ``torch.compile(m, options=s.options())`` (merge with other options; torch
-    rejects ``mode=`` together with ``options=``) or ``with s.patch(): ...`` around the call
-    that triggers compilation (the first forward, not ``torch.compile`` itself).
+    ignored. Use ``torch.compile(m, options=s.options(mode="max-autotune"))`` or
+    ``with s.patch(): ...`` around the call that triggers compilation (the first forward, not
+    ``torch.compile`` itself).
     """
 
     force_fuse_int_mm_with_mul: Optional[bool] = None  # fuse int8 matmul with its rescale (int8_dynamic)
@@ -224,10 +230,21 @@ class InductorSettings:
         return cls(force_fuse_int_mm_with_mul=True, coordinate_descent_tuning=True,
                    coordinate_descent_check_all_directions=True, epilogue_fusion=False)
 
-    def options(self) -> Dict[str, bool]:
-        """The set (non-None) values as a ``torch.compile(options=...)`` dict."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-        check_inductor_config_names(out)
+    def options(self, mode: Optional[str] = None) -> Dict[str, object]:
+        """The set (non-None) values as a ``torch.compile(options=...)`` dict. ``mode`` (a
+        ``torch.compile`` mode such as "max-autotune") starts from that mode's options, which
+        the set values then override, since torch takes ``mode`` or ``options``, not both."""
+        ours = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        check_inductor_config_names(ours)
+        out: Dict[str, object] = {}
+        if mode is not None:
+            from torch._inductor import list_mode_options
+
+            try:
+                out.update(list_mode_options(mode))
+            except RuntimeError as e:
+                raise ValueError(f"unknown torch.compile mode {mode!r}: {e}") from e
+        out.update(ours)
         return out
 
     def patch(self):

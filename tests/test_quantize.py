@@ -225,6 +225,14 @@ def test_bad_arguments(models):
         compress(nn.Sequential(nn.Linear(8, 8)), "int8_dynamic")
 
 
+def test_old_torchao_is_named(models, monkeypatch):
+    import torchao
+
+    monkeypatch.setattr(torchao, "__version__", "0.9.0")
+    with pytest.raises(ImportError, match=r"torchao >= 0\.18.*found 0\.9\.0.*pip install -U torchao"):
+        compress(copy.deepcopy(models[0]), "int8_weight_only")
+
+
 def test_torchao_missing_is_named(models, monkeypatch):
     for name in [n for n in sys.modules if n == "torchao" or n.startswith("torchao.")]:
         monkeypatch.setitem(sys.modules, name, None)
@@ -246,6 +254,11 @@ def test_inductor_settings():
         assert (cfg.epilogue_fusion, cfg.force_fuse_int_mm_with_mul) == (not old[0], not old[1])
     assert (cfg.epilogue_fusion, cfg.force_fuse_int_mm_with_mul) == old
     torch.compile(nn.Linear(2, 2), options=InductorSettings(epilogue_fusion_first=True).options())
+    opts = InductorSettings(coordinate_descent_tuning=False).options(mode="max-autotune")
+    assert opts["max_autotune"] is True and opts["coordinate_descent_tuning"] is False
+    torch.compile(nn.Linear(2, 2), options=opts)
+    with pytest.raises(ValueError, match="unknown torch.compile mode 'fastest'"):
+        InductorSettings().options(mode="fastest")
     with pytest.raises(RuntimeError, match="no inductor option.*fuse_everything_xyz"):
         check_inductor_config_names(["epilogue_fusion", "fuse_everything_xyz"])
     with pytest.raises(TypeError, match="True, False or None"):

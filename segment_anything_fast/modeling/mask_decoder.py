@@ -78,10 +78,10 @@ class MaskDecoder(nn.Module):
         out_tokens = out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
         tokens = torch.cat((out_tokens, sparse), dim=1)
 
+        # Per-image tensors repeated for each prompt (repeat_interleave without a host sync).
         n = tokens.shape[0]
-        src = torch.repeat_interleave(image_embeddings.to(dtype), n, dim=0)
-        src = src + dense_prompt_embeddings.to(dtype)
-        pos_src = torch.repeat_interleave(image_pe.to(dtype), n, dim=0)
+        src = _repeat_each(image_embeddings.to(dtype), n) + dense_prompt_embeddings.to(dtype)
+        pos_src = _repeat_each(image_pe.to(dtype), n)
         b, c, h, w = src.shape
 
         hs, src = self.transformer(src, pos_src, tokens)
@@ -97,6 +97,11 @@ class MaskDecoder(nn.Module):
         masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred
+
+
+def _repeat_each(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``torch.repeat_interleave(x, n, dim=0)`` as a view when x has batch size 1."""
+    return x.unsqueeze(1).expand(x.shape[0], n, *x.shape[1:]).reshape(-1, *x.shape[1:])
 
 
 class MLP(nn.Module):

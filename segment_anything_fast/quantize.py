@@ -23,7 +23,8 @@ Modes (``COMPRESS_MODES``):
                     ``sparsity.py``), then ``torch.sparse.to_sparse_semi_structured``;
                     CUDA capability >= 8.0, bf16/fp16 model.
   fp8_sparse_2_4    2:4 pruning, then fp8 per-row with torchao's CUTLASS 2:4 fp8 kernel;
-                    CUDA capability >= 9.0 (Hopper), bf16 model.
+                    CUDA capability >= 9.0 (Hopper), bf16 model. The linears become
+                    ``FlatInputLinear`` (same parameters) to feed that kernel 2-D inputs.
 int8 activations combined with 2:4 sparsity is not offered: torchao 0.18 removed that layout
 (version 1 of ``Int8DynamicActivationInt8WeightConfig``).
 
@@ -148,6 +149,30 @@ def _check_calibration(calibration, mode: str, encoder: nn.Module) -> None:
         )
 
 
+class FlatInputLinear(nn.Linear):
+    """``nn.Linear`` that hands its weight a 2-D (tokens, features) input and restores the
+    leading dims after. torchao 0.18's fp8 2:4 linear squeezes the activation scale on dim 1,
+    which is only right for 2-D inputs; the encoder feeds (B, H, W, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def flatten_linear_inputs_(module: nn.Module, filter_fn) -> List[str]:
+    """Swap, in place, each ``nn.Linear`` selected by ``filter_fn(submodule, name)`` for a
+    ``FlatInputLinear`` holding the same parameters (same names, same state-dict keys)."""
+    names = []
+    for name, lin in [(n, m) for n, m in module.named_modules() if type(m) is nn.Linear and filter_fn(m, n)]:
+        flat = FlatInputLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        flat.weight, flat.bias = lin.weight, lin.bias
+        flat.train(lin.training)
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent), child, flat)
+        names.append(name)
+    return names
+
+
 def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor] = None) -> nn.Module:
     """Compress, in place, the image-encoder linears of ``model`` (a Sam or its image encoder)
     with ``mode`` (one of ``COMPRESS_MODES``) and return ``model``.
@@ -197,6 +222,8 @@ def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor]
     if mode == "sparse_2_4":
         to_semi_structured_(encoder, encoder_linear_filter)
     else:
+        if mode == "fp8_sparse_2_4":
+            flatten_linear_inputs_(encoder, encoder_linear_filter)
         q.quantize_(encoder, _torchao_config(q, mode), filter_fn=encoder_linear_filter)
     return model
 

@@ -8,8 +8,8 @@ from torch import nn
 
 from oracle import build_pair
 from segment_anything_fast.quantize import (
-    COMPRESS_MODES, InductorSettings, check_inductor_config_names, compress, encoder_linear_filter,
-    encoder_linears,
+    COMPRESS_MODES, FlatInputLinear, InductorSettings, check_inductor_config_names, compress,
+    encoder_linear_filter, encoder_linears, flatten_linear_inputs_,
 )
 from segment_anything_fast.sparsity import (
     SPARSE_GPU_ERROR, input_channel_norms, is_2_4_sparse, mask_2_4, prune_2_4, prune_linears_2_4_,
@@ -97,6 +97,22 @@ def test_compress_original_package_encoder(models):
         compress(enc, "int8_dynamic")
         out = enc(x)
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.995
+
+
+def test_flatten_linear_inputs_keeps_params_and_outputs(models):
+    enc = copy.deepcopy(models[0].image_encoder)
+    keys = list(enc.state_dict())
+    params = {n: p for n, p in enc.named_parameters()}
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        ref = enc(x)
+        assert flatten_linear_inputs_(enc, encoder_linear_filter) == ENCODER_LINEARS
+        out = enc(x)
+    assert list(enc.state_dict()) == keys
+    assert all(p is params[n] for n, p in enc.named_parameters())  # shared, not copied
+    assert all(type(enc.get_submodule(n)) is FlatInputLinear for n in ENCODER_LINEARS)
+    assert encoder_linears(enc) == ENCODER_LINEARS
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_none_is_identity(models):

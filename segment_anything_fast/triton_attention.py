@@ -46,10 +46,13 @@ def _rel_pos_attn_fwd(
     WP: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     BLOCK_N: tl.constexpr = ROWS * WP
     LOG2E: tl.constexpr = 1.4426950408889634
+    PREC: tl.constexpr = "ieee" if IEEE else "tf32"
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // NH
@@ -62,20 +65,24 @@ def _rel_pos_attn_fwd(
     n_col = offs_n % WP
     col_ok = n_col < GW
     d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
 
-    q_base = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    q_base = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qn
     k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     v_base = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
 
-    q0 = tl.load(q_base + offs_m[:, None] * s_qn + d0[None, :] * s_qd, mask=m_ok[:, None], other=0.0)
+    if EVEN_M:
+        q0 = tl.load(q_base + d0[None, :] * s_qd)
+    else:
+        q0 = tl.load(q_base + d0[None, :] * s_qd, mask=m_ok[:, None], other=0.0)
     if D1 > 0:
-        d1 = D0 + tl.arange(0, D1)
-        q1 = tl.load(q_base + offs_m[:, None] * s_qn + d1[None, :] * s_qd, mask=m_ok[:, None], other=0.0)
+        q1 = tl.load(q_base + d1[None, :] * s_qd, mask=m_ok[:, None], other=0.0)
 
     if HAS_BIAS:
-        rh_base = RH + b.to(tl.int64) * s_hb + h.to(tl.int64) * s_hh + offs_m[:, None] * s_hn
-        rw_base = RW + b.to(tl.int64) * s_wb + h.to(tl.int64) * s_wh + offs_m[:, None] * s_wn
-        bias_w = tl.load(rw_base + n_col[None, :] * s_wk, mask=m_ok[:, None] & col_ok[None, :], other=0.0)
+        rh_ptr = RH + b.to(tl.int64) * s_hb + h.to(tl.int64) * s_hh + offs_m * s_hn
+        rw_ptr = RW + b.to(tl.int64) * s_wb + h.to(tl.int64) * s_wh + offs_m[:, None] * s_wn
+        # rel_w for every key column of a block: loaded once, reused for all key blocks
+        bias_w = tl.load(rw_ptr + n_col[None, :] * s_wk, mask=m_ok[:, None] & col_ok[None, :], other=0.0)
         bias_w = bias_w.to(tl.float32) * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -88,43 +95,51 @@ def _rel_pos_attn_fwd(
         kv_row = j * ROWS + n_row
         kv_idx = kv_row * GW + n_col
         kv_ok = col_ok & (kv_row < GH) & (kv_idx < N)
-        k0 = tl.load(k_base + kv_idx[None, :] * s_kn + d0[:, None] * s_kd, mask=kv_ok[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q0, k0, input_precision="ieee")
+        k_ptr = k_base + kv_idx[None, :] * s_kn
+        if EVEN_N:
+            k0 = tl.load(k_ptr + d0[:, None] * s_kd)
         else:
-            s = tl.dot(q0, k0)
+            k0 = tl.load(k_ptr + d0[:, None] * s_kd, mask=kv_ok[None, :], other=0.0)
+        s = tl.dot(q0, k0, input_precision=PREC)
         if D1 > 0:
-            k1 = tl.load(k_base + kv_idx[None, :] * s_kn + d1[:, None] * s_kd, mask=kv_ok[None, :], other=0.0)
-            if IEEE:
-                s = tl.dot(q1, k1, s, input_precision="ieee")
-            else:
-                s = tl.dot(q1, k1, s)
-        s = s * qk_scale
+            k1 = tl.load(k_ptr + d1[:, None] * s_kd, mask=kv_ok[None, :], other=0.0)
+            s = tl.dot(q1, k1, s, input_precision=PREC)
         if HAS_BIAS:
-            bias_h = tl.load(rh_base + kv_row[None, :] * s_hk, mask=m_ok[:, None] & kv_ok[None, :], other=0.0)
-            s = s + bias_h.to(tl.float32) * LOG2E + bias_w
-        s = tl.where(kv_ok[None, :], s, float("-inf"))
+            s = s * qk_scale + bias_w
+            # rel_h: one value per query for each of the block's ROWS key-grid rows
+            for r in tl.static_range(ROWS):
+                col = tl.load(rh_ptr + (j * ROWS + r) * s_hk, mask=m_ok & (j * ROWS + r < GH), other=0.0)
+                col = col.to(tl.float32) * LOG2E
+                if ROWS == 1:
+                    s = s + col[:, None]
+                else:
+                    s = s + tl.where(n_row[None, :] == r, col[:, None], 0.0)
+        else:
+            s = s * qk_scale
+        if not EVEN_N:
+            s = tl.where(kv_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(V.dtype.element_ty)
-        v0 = tl.load(v_base + kv_idx[:, None] * s_vn + d0[None, :] * s_vd, mask=kv_ok[:, None], other=0.0)
-        if IEEE:
-            acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision="ieee")
+        v_ptr = v_base + kv_idx[:, None] * s_vn
+        if EVEN_N:
+            v0 = tl.load(v_ptr + d0[None, :] * s_vd)
         else:
-            acc0 = tl.dot(p, v0, acc0 * alpha[:, None])
+            v0 = tl.load(v_ptr + d0[None, :] * s_vd, mask=kv_ok[:, None], other=0.0)
+        acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PREC)
         if D1 > 0:
-            v1 = tl.load(v_base + kv_idx[:, None] * s_vn + d1[None, :] * s_vd, mask=kv_ok[:, None], other=0.0)
-            if IEEE:
-                acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision="ieee")
-            else:
-                acc1 = tl.dot(p, v1, acc1 * alpha[:, None])
+            v1 = tl.load(v_ptr + d1[None, :] * s_vd, mask=kv_ok[:, None], other=0.0)
+            acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PREC)
         m_i = m_new
 
     o_base = O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_on
     inv_l = 1.0 / l_i
-    tl.store(o_base + d0[None, :] * s_od, (acc0 * inv_l[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None])
+    if EVEN_M:
+        tl.store(o_base + d0[None, :] * s_od, (acc0 * inv_l[:, None]).to(O.dtype.element_ty))
+    else:
+        tl.store(o_base + d0[None, :] * s_od, (acc0 * inv_l[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None])
     if D1 > 0:
         tl.store(o_base + d1[None, :] * s_od, (acc1 * inv_l[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None])
 
@@ -207,6 +222,7 @@ def _launch(
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *rh.stride(), *rw.stride(),
         nh, N, gh, gw, (d ** -0.5) * _LOG2E,
         HAS_BIAS=has_bias, D0=d0, D1=d1, WP=wp, ROWS=cfg["ROWS"], BLOCK_M=cfg["BLOCK_M"],
+        EVEN_M=N % cfg["BLOCK_M"] == 0, EVEN_N=(wp == gw and gh % cfg["ROWS"] == 0 and gh * gw == N),
         IEEE=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

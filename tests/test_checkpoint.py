@@ -5,7 +5,6 @@ import pickle
 import pytest
 import torch
 
-from segment_anything_fast import build_sam as bs
 from segment_anything_fast.build_sam import (
     SAM_CONFIGS, SamConfig, build_sam, detect_model_type, load_state_dict_file,
     sam_model_registry,

@@ -2,7 +2,6 @@
 import math
 from typing import Tuple, Type
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

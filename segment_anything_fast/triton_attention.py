@@ -156,19 +156,23 @@ def _split_head_dim(d: int) -> Tuple[int, int]:
 
 
 def kernel_config(n_tokens: int, grid_w: int, head_dim: int, capability: Tuple[int, int]) -> dict:
-    """Launch parameters by GPU generation and shape (measured on H100; Ampere rules kept small).
+    """Launch parameters by GPU generation and shape; returns BLOCK_M, ROWS (key-grid rows per
+    key block), num_warps, num_stages.
 
-    Returns BLOCK_M, ROWS (key-grid rows per key block), num_warps, num_stages.
+    Hopper rows come from experiments/bench_attention.py on an H100 (batch 8, bf16;
+    experiments/results/attention_h100_b8.json): global 64x64 layers reach ~310 TFLOP/s,
+    14x14 windows ~90. The Ampere rows are the same tile shapes with shallower pipelines
+    (less shared memory), not measured here.
     """
     wp = triton.next_power_of_2(grid_w)
-    rows = max(1, 64 // wp)
+    split = head_dim & (head_dim - 1) != 0  # e.g. 80 = 64 + 16: more registers per row
     if capability[0] >= 9:  # Hopper
-        if n_tokens >= 1024:  # global layers
-            return dict(BLOCK_M=128, ROWS=rows, num_warps=8, num_stages=2)
-        return dict(BLOCK_M=64, ROWS=rows, num_warps=4, num_stages=2)
+        if n_tokens >= 1024:  # global layers: one 64-wide key-grid row per block
+            return dict(BLOCK_M=128 if split else 64, ROWS=max(1, 64 // wp), num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, ROWS=max(1, 32 // wp), num_warps=4, num_stages=4 if split else 3)
     if n_tokens >= 1024:  # Ampere and older
-        return dict(BLOCK_M=128, ROWS=rows, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-    return dict(BLOCK_M=64, ROWS=rows, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, ROWS=max(1, 64 // wp), num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, ROWS=max(1, 32 // wp), num_warps=4, num_stages=2)
 
 
 def _interpreting() -> bool:

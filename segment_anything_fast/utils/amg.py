@@ -307,23 +307,25 @@ def _nms_keep_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: flo
     areas = (x2 - x1) * (y2 - y1)
     kept_sorted = []
     removed = np.zeros(n, dtype=bool)
-    block = 2048  # bound the IoU matrix memory: rows are computed in blocks
+    block = 1024  # bound the IoU matrix memory: rows are computed in blocks
     for r0 in range(0, n, block):
         r1 = min(n, r0 + block)
-        ix1 = torch.maximum(x1[r0:r1, None], x1[None, :])
-        iy1 = torch.maximum(y1[r0:r1, None], y1[None, :])
-        ix2 = torch.minimum(x2[r0:r1, None], x2[None, :])
-        iy2 = torch.minimum(y2[r0:r1, None], y2[None, :])
-        inter = (ix2 - ix1).clamp(min=0) * (iy2 - iy1).clamp(min=0)
-        iou = inter / (areas[r0:r1, None] + areas[None, :] - inter)
+        if removed[r0:r1].all():
+            continue
+        # Only boxes ranked below row i can be suppressed by it: columns r0.. suffice.
+        w = (torch.minimum(x2[r0:r1, None], x2[None, r0:]) - torch.maximum(x1[r0:r1, None], x1[None, r0:])).clamp_(min=0)
+        h = (torch.minimum(y2[r0:r1, None], y2[None, r0:]) - torch.maximum(y1[r0:r1, None], y1[None, r0:])).clamp_(min=0)
+        inter = w.mul_(h)
+        iou = inter / (areas[r0:r1, None] + areas[None, r0:] - inter)
         over = (iou > iou_threshold).cpu().numpy()
+        tail = removed[r0:]
         for i in range(r0, r1):
-            if removed[i]:
+            if tail[i - r0]:
                 continue
             kept_sorted.append(i)
             row = over[i - r0]
-            row[: i + 1] = False
-            removed |= row
+            row[: i - r0 + 1] = False
+            tail |= row
     keep = torch.as_tensor(kept_sorted, dtype=torch.int64, device=order.device)
     return order[keep]
 

@@ -1,0 +1,323 @@
+"""SamAutomaticMaskGenerator: segment everything by prompting SAM with a grid of points.
+
+Same constructor arguments and ``generate`` records as ``segment_anything``. The point loop
+runs on the model's device without host syncs: per batch the decoder output is scored
+(predicted IoU, stability, box, crop-edge test) on the device, and only the low-resolution
+logits of the candidates are kept. Candidates are filtered and de-duplicated (our own
+batched NMS, no torchvision) after the loop, and full-resolution masks are rebuilt from the
+low-res logits only for the survivors, then run-length encoded. COCO RLE and
+``min_mask_region_area`` (OpenCV) run on the CPU.
+"""
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import validation
+from .predictor import SamPredictor
+from .utils.amg import (
+    MaskData,
+    area_from_rle,
+    batch_iterator,
+    batched_mask_to_box,
+    batched_nms,
+    box_area,
+    box_xyxy_to_xywh,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    coco_encode_rle,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    mask_to_rle_pytorch,
+    remove_small_regions,
+    rle_to_mask,
+    uncrop_boxes_xyxy,
+    uncrop_masks,
+    uncrop_points,
+)
+
+# Pending candidates (masks) kept on the device before they are compacted (one host sync).
+_COMPACT_EVERY = 1024
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class SamAutomaticMaskGenerator:
+    """Generate masks for a whole image (see ``segment_anything.SamAutomaticMaskGenerator``).
+
+    Arguments are the original's: ``points_per_side`` (or explicit ``point_grids`` in [0, 1],
+    one per crop layer), ``points_per_batch``, ``pred_iou_thresh``, ``stability_score_thresh``,
+    ``stability_score_offset``, ``box_nms_thresh``, ``crop_n_layers``, ``crop_nms_thresh``,
+    ``crop_overlap_ratio``, ``crop_n_points_downscale_factor``, ``min_mask_region_area``
+    (OpenCV) and ``output_mode`` ('binary_mask', 'uncompressed_rle' or 'coco_rle').
+    If a batch of points runs out of GPU memory, the batch is halved and retried (with a
+    warning); later batches keep the smaller size.
+    """
+
+    def __init__(
+        self,
+        model,
+        points_per_side: Optional[int] = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Optional[List[np.ndarray]] = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+    ) -> None:
+        grids = validation.check_amg_params(
+            points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
+            stability_score_offset, box_nms_thresh, crop_n_layers, crop_nms_thresh,
+            crop_overlap_ratio, crop_n_points_downscale_factor, point_grids,
+            min_mask_region_area, output_mode,
+        )
+        if points_per_side is not None:
+            grids = build_all_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
+        self.point_grids = grids
+        if output_mode == "coco_rle":
+            try:
+                from pycocotools import mask as _  # noqa: F401
+            except ImportError as e:
+                raise ImportError("output_mode='coco_rle' needs pycocotools: pip install pycocotools") from e
+        if min_mask_region_area > 0:
+            try:
+                import cv2  # noqa: F401
+            except ImportError as e:
+                raise ImportError("min_mask_region_area > 0 needs OpenCV: pip install opencv-python") from e
+
+        self.predictor = SamPredictor(model)
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+        """Mask records for an HxWx3 uint8 RGB image.
+
+        Each record has ``segmentation`` (HxW bool array or RLE dict per ``output_mode``),
+        ``area`` (int), ``bbox`` (XYWH), ``predicted_iou``, ``point_coords`` ([[x, y]]),
+        ``stability_score`` and ``crop_box`` (XYWH).
+        """
+        validation.check_image(image, "RGB", self.predictor.transform.target_length)
+        data = self._generate_masks(image)
+        if self.min_mask_region_area > 0:
+            data = self.postprocess_small_regions(
+                data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
+            )
+        return self._records(data)
+
+    def generate_batch(self, images: List[np.ndarray]) -> List[List[Dict[str, Any]]]:
+        """``generate`` for each image of a list; every image is validated before any work."""
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            raise TypeError("generate_batch takes a list of images; for one image call generate(image).")
+        images = list(images)
+        for i, im in enumerate(images):
+            try:
+                validation.check_image(im, "RGB", self.predictor.transform.target_length)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"images[{i}]: {e}") from None
+        return [self.generate(im) for im in images]
+
+    # ------------------------------------------------------------------ pipeline
+    def _records(self, data: MaskData) -> List[Dict[str, Any]]:
+        rles = data["rles"]
+        if self.output_mode == "coco_rle":
+            segs = [coco_encode_rle(r) for r in rles]
+        elif self.output_mode == "binary_mask":
+            segs = [rle_to_mask(r) for r in rles]
+        else:
+            segs = rles
+        out = []
+        for i, seg in enumerate(segs):
+            out.append(
+                {
+                    "segmentation": seg,
+                    "area": area_from_rle(rles[i]),
+                    "bbox": box_xyxy_to_xywh(data["boxes"][i]).tolist(),
+                    "predicted_iou": data["iou_preds"][i].item(),
+                    "point_coords": [data["points"][i].tolist()],
+                    "stability_score": data["stability_score"][i].item(),
+                    "crop_box": box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
+                }
+            )
+        return out
+
+    def _generate_masks(self, image: np.ndarray) -> MaskData:
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        data = MaskData()
+        crop_meta = []
+        for ci, (crop_box, layer_idx) in enumerate(zip(crop_boxes, layer_idxs)):
+            crop_data, meta = self._process_crop(image, crop_box, layer_idx, orig_size, ci)
+            crop_meta.append(meta)
+            data.cat(crop_data)
+
+        device = self.predictor.device
+        all_crops = torch.tensor(crop_boxes, dtype=torch.int64, device=device)
+        if "boxes" not in data:
+            data = MaskData(
+                low_res=torch.empty(0), iou_preds=torch.empty(0), stability_score=torch.empty(0),
+                boxes=torch.empty(0, 4, dtype=torch.int64), points=torch.empty(0, 2, dtype=torch.float64),
+                crop_idx=torch.empty(0, dtype=torch.int64),
+            )
+        data["crop_boxes"] = all_crops[data["crop_idx"].to(device)]
+        if len(crop_boxes) > 1 and len(data["boxes"]) > 0:
+            # Remove duplicates between crops, preferring masks from smaller crops.
+            scores = 1 / box_area(data["crop_boxes"])
+            keep = batched_nms(
+                data["boxes"].float(), scores, torch.zeros_like(scores, dtype=torch.int64), self.crop_nms_thresh
+            )
+            data.filter(keep)
+
+        data["rles"] = self._encode(data, crop_boxes, crop_meta, orig_size)
+        del data["low_res"]
+        data.to_numpy()
+        return data
+
+    def _process_crop(self, image, crop_box, layer_idx, orig_size, crop_idx) -> Tuple[MaskData, Tuple]:
+        x0, y0, x1, y1 = crop_box
+        cropped = image[y0:y1, x0:x1, :]
+        crop_size = cropped.shape[:2]
+        self.predictor.set_image(cropped)
+        meta = (self.predictor.input_size, crop_size)
+        points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
+
+        data = MaskData()
+        pending, n_pending = [], 0
+        start = 0
+        while start < len(points):
+            batch = points[start : start + self.points_per_batch]
+            try:
+                pending.append(self._process_batch(batch, crop_size, crop_box, orig_size))
+            except RuntimeError as e:
+                if not _is_oom(e):
+                    raise
+                if self.points_per_batch == 1:
+                    raise RuntimeError(
+                        "out of memory with points_per_batch=1; use a smaller image or model, or the CPU."
+                    ) from e
+                self.points_per_batch = max(1, self.points_per_batch // 2)
+                warnings.warn(f"out of memory: retrying with points_per_batch={self.points_per_batch}")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start += len(batch)
+            n_pending += len(batch) * 3
+            if n_pending >= _COMPACT_EVERY:
+                data.cat(self._compact(pending))
+                pending, n_pending = [], 0
+        if pending:
+            data.cat(self._compact(pending))
+        self.predictor.reset_image()
+
+        if "boxes" not in data or len(data["boxes"]) == 0:
+            return MaskData(), meta
+        # Remove duplicates within this crop.
+        keep = batched_nms(
+            data["boxes"].float(), data["iou_preds"],
+            torch.zeros(len(data["boxes"]), dtype=torch.int64), self.box_nms_thresh,
+        )
+        data.filter(keep)
+        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = uncrop_points(data["points"], crop_box)
+        data["crop_idx"] = torch.full((len(data["boxes"]),), crop_idx, dtype=torch.int64)
+        return data, meta
+
+    @staticmethod
+    def _compact(pending: List[MaskData]) -> MaskData:
+        """Concatenate batch results and drop rejected candidates (one host sync)."""
+        data = MaskData()
+        for p in pending:
+            data.cat(p)
+        keep = torch.nonzero(data["keep"])[:, 0]
+        del data["keep"]
+        data.filter(keep)
+        return data
+
+    def _process_batch(self, points: np.ndarray, im_size, crop_box, orig_size) -> MaskData:
+        """Score one batch of point prompts on the device; no host sync."""
+        orig_h, orig_w = orig_size
+        pred = self.predictor
+        device = pred.device
+        coords = torch.as_tensor(pred.transform.apply_coords(points, im_size), device=device)
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
+        low_res, iou = pred._predict_low_res(coords[:, None, :], labels[:, None], None, None, True)
+        low_res = low_res.flatten(0, 1)
+        iou = iou.flatten(0, 1).float()
+        masks = pred.model.postprocess_masks(low_res.float()[:, None], pred.input_size, im_size)[:, 0]
+
+        thr = pred.model.mask_threshold
+        keep = torch.ones_like(iou, dtype=torch.bool)
+        if self.pred_iou_thresh > 0.0:
+            keep &= iou > self.pred_iou_thresh
+        stability = calculate_stability_score(masks, thr, self.stability_score_offset)
+        if self.stability_score_thresh > 0.0:
+            keep &= stability >= self.stability_score_thresh
+        boxes = batched_mask_to_box(masks > thr)
+        keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        return MaskData(
+            low_res=low_res, iou_preds=iou, stability_score=stability, boxes=boxes, keep=keep,
+            points=torch.as_tensor(points.repeat(3, axis=0), device=device),
+        )
+
+    def _encode(self, data: MaskData, crop_boxes, crop_meta, orig_size) -> List[Dict[str, Any]]:
+        """Rebuild full-resolution masks of the survivors from low-res logits; RLE-encode them."""
+        n = len(data["boxes"])
+        rles: List[Optional[Dict[str, Any]]] = [None] * n
+        if n == 0:
+            return []
+        orig_h, orig_w = orig_size
+        crop_idx = data["crop_idx"].cpu().numpy()
+        model = self.predictor.model
+        for ci in np.unique(crop_idx):
+            rows = np.nonzero(crop_idx == ci)[0]
+            input_size, crop_size = crop_meta[ci]
+            for (idx,) in batch_iterator(max(1, self.points_per_batch * 3), rows):
+                low = data["low_res"][torch.as_tensor(idx, device=data["low_res"].device)]
+                masks = model.postprocess_masks(low.float()[:, None], input_size, crop_size)[:, 0]
+                masks = uncrop_masks(masks > model.mask_threshold, crop_boxes[ci], orig_h, orig_w)
+                for i, rle in zip(idx.tolist(), mask_to_rle_pytorch(masks)):
+                    rles[i] = rle
+        return rles
+
+    @staticmethod
+    def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
+        """Fill small holes / drop small islands in every mask, then re-run box NMS
+        preferring unchanged masks. Edits ``mask_data`` in place (OpenCV, CPU)."""
+        if len(mask_data["rles"]) == 0:
+            return mask_data
+        new_masks, scores = [], []
+        for rle in mask_data["rles"]:
+            mask = rle_to_mask(rle)
+            mask, changed_holes = remove_small_regions(mask, min_area, mode="holes")
+            mask, changed_islands = remove_small_regions(mask, min_area, mode="islands")
+            new_masks.append(torch.as_tensor(mask))
+            scores.append(float(not (changed_holes or changed_islands)))
+        masks = torch.stack(new_masks)
+        boxes = batched_mask_to_box(masks)
+        keep = batched_nms(boxes.float(), torch.as_tensor(scores), torch.zeros(len(boxes), dtype=torch.int64), nms_thresh)
+        changed = [int(i) for i in keep.tolist() if scores[i] == 0.0]
+        if changed:
+            for i, rle in zip(changed, mask_to_rle_pytorch(masks[changed])):
+                mask_data["rles"][i] = rle
+                mask_data["boxes"][i] = boxes[i].numpy() if isinstance(mask_data["boxes"], np.ndarray) else boxes[i]
+        mask_data.filter(keep)
+        return mask_data

@@ -1,0 +1,244 @@
+"""AMG helpers and SamAutomaticMaskGenerator.generate parity with segment_anything (tiny model)."""
+import numpy as np
+import pytest
+import torch
+import torchvision
+from segment_anything import SamAutomaticMaskGenerator as OrigAMG
+from segment_anything.utils import amg as orig_amg
+
+from segment_anything_fast.automatic_mask_generator import SamAutomaticMaskGenerator
+from segment_anything_fast.utils import amg
+from tests.oracle import build_pair
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded on a shared CPU; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _boxes(g, n, scale=100.0):
+    b = torch.rand(n, 4, generator=g) * scale
+    b[:, 2:] += b[:, :2] * 0.5
+    return b
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 50, 300, 999, 1001, 2500])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("ncls", [1, 4])
+def test_batched_nms_matches_torchvision(n, ties, ncls):
+    g = torch.Generator().manual_seed(n * 7 + ncls + ties)
+    boxes = _boxes(g, n)
+    scores = torch.randint(0, 4, (n,), generator=g).float() if ties else torch.rand(n, generator=g)
+    idxs = torch.randint(0, ncls, (n,), generator=g)
+    for thr in (0.0, 0.3, 0.7, 1.0):
+        ours = amg.batched_nms(boxes, scores, idxs, thr)
+        ref = torchvision.ops.batched_nms(boxes, scores, idxs, thr)
+        assert ours.dtype == torch.int64
+        assert torch.equal(ours, ref), (n, ties, ncls, thr)
+
+
+def test_batched_nms_integer_boxes_and_duplicates():
+    g = torch.Generator().manual_seed(3)
+    boxes = torch.randint(0, 50, (400, 4), generator=g)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes[100:200] = boxes[:100]  # exact duplicates
+    scores = torch.rand(400, generator=g)
+    scores[150:] = 0.5
+    z = torch.zeros(400, dtype=torch.int64)
+    assert torch.equal(amg.batched_nms(boxes.float(), scores, z, 0.7), torchvision.ops.batched_nms(boxes.float(), scores, z, 0.7))
+
+
+def test_stability_score_and_boxes():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 2, 23, 31, generator=g) * 3
+    for off in (0.5, 1.0, 2.5):
+        ours = amg.calculate_stability_score(logits, 0.0, off)
+        assert torch.equal(ours, orig_amg.calculate_stability_score(logits, 0.0, off))
+    masks = logits > 2.0
+    masks[0, 0] = False  # empty mask
+    masks[1, 1] = False
+    masks[1, 1, 5, 7] = True  # one pixel
+    for m in (masks, masks[0], masks[0, 0], masks.flatten(0, 1), masks[:0]):
+        ours, ref = amg.batched_mask_to_box(m), orig_amg.batched_mask_to_box(m)
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype and torch.equal(ours, ref)
+
+
+def test_rle_round_trip_and_coco():
+    from pycocotools import mask as mask_utils
+
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(9, 17, 13, generator=g) > 0.6
+    masks[0] = True
+    masks[1] = False
+    masks[2, 0, 0] = True
+    masks[3, -1, -1] = True
+    rles = amg.mask_to_rle_pytorch(masks)
+    assert rles == orig_amg.mask_to_rle_pytorch(masks)
+    assert amg.mask_to_rle_pytorch(masks[:0]) == []
+    for m, rle in zip(masks, rles):
+        assert np.array_equal(amg.rle_to_mask(rle), m.numpy())
+        assert amg.area_from_rle(rle) == int(m.sum())
+        coco = amg.coco_encode_rle(rle)
+        assert coco == orig_amg.coco_encode_rle(rle)
+        assert np.array_equal(mask_utils.decode(coco).astype(bool), m.numpy())
+    with pytest.raises(ValueError, match="counts sum"):
+        amg.rle_to_mask({"size": [2, 2], "counts": [1, 1]})
+
+
+@pytest.mark.parametrize("size", [(100, 150), (150, 100), (37, 37), (1, 5), (1500, 2250)])
+@pytest.mark.parametrize("layers", [0, 1, 2])
+@pytest.mark.parametrize("ratio", [0.0, 512 / 1500, 0.5])
+def test_crop_boxes_and_grids(size, layers, ratio):
+    assert amg.generate_crop_boxes(size, layers, ratio) == orig_amg.generate_crop_boxes(size, layers, ratio)
+    for a, b in zip(amg.build_all_layer_point_grids(8, layers, 2), orig_amg.build_all_layer_point_grids(8, layers, 2)):
+        assert np.array_equal(a, b)
+
+
+def test_uncrop_and_edge_helpers():
+    g = torch.Generator().manual_seed(2)
+    boxes = torch.randint(0, 60, (20, 4), generator=g)
+    crop, orig_box = [30, 10, 90, 70], [0, 0, 120, 80]
+    assert torch.equal(amg.uncrop_boxes_xyxy(boxes, crop), orig_amg.uncrop_boxes_xyxy(boxes, crop))
+    assert torch.equal(amg.uncrop_boxes_xyxy(boxes[None], crop), orig_amg.uncrop_boxes_xyxy(boxes[None], crop))
+    pts = torch.rand(20, 2, generator=g, dtype=torch.float64) * 60
+    assert torch.equal(amg.uncrop_points(pts, crop), orig_amg.uncrop_points(pts, crop))
+    assert torch.equal(amg.is_box_near_crop_edge(boxes, crop, orig_box), orig_amg.is_box_near_crop_edge(boxes, crop, orig_box))
+    masks = torch.rand(3, 60, 60, generator=g) > 0.5
+    assert torch.equal(amg.uncrop_masks(masks, crop, 80, 120), orig_amg.uncrop_masks(masks, crop, 80, 120))
+    assert torch.equal(amg.box_xyxy_to_xywh(boxes[0]), orig_amg.box_xyxy_to_xywh(boxes[0]))
+    batches = list(amg.batch_iterator(3, list(range(7)), np.arange(7)))
+    assert [b[0] for b in batches] == [[0, 1, 2], [3, 4, 5], [6]]
+    with pytest.raises(ValueError, match="same length"):
+        list(amg.batch_iterator(3, [1, 2], [1]))
+
+
+@pytest.mark.parametrize("mode", ["holes", "islands"])
+def test_remove_small_regions(mode):
+    rs = np.random.RandomState(0)
+    for _ in range(5):
+        m = rs.rand(40, 50) > 0.55
+        for thr in (0, 3, 30, 10_000):
+            a, ca = amg.remove_small_regions(m, thr, mode)
+            b, cb = orig_amg.remove_small_regions(m, thr, mode)
+            assert ca == cb and np.array_equal(a, b)
+
+
+def test_mask_data():
+    d = amg.MaskData(a=torch.arange(5), b=np.arange(5) * 2, c=list("abcde"))
+    d.filter(torch.tensor([True, False, True, False, True]))
+    assert d["a"].tolist() == [0, 2, 4] and d["b"].tolist() == [0, 4, 8] and d["c"] == ["a", "c", "e"]
+    d.cat(amg.MaskData(a=torch.tensor([9]), b=np.array([9]), c=["z"]))
+    d.filter(torch.tensor([3, 0]))
+    assert d["a"].tolist() == [9, 0] and d["c"] == ["z", "a"]
+    d.to_numpy()
+    assert isinstance(d["a"], np.ndarray)
+    with pytest.raises(TypeError, match="MaskData"):
+        d["x"] = 3
+
+
+# ---------------------------------------------------------------- generate() parity
+
+
+def _blocks(seed, h=100, w=150):
+    rs = np.random.RandomState(seed)
+    img = np.zeros((h, w, 3), np.uint8) + rs.randint(0, 256, 3).astype(np.uint8)
+    for _ in range(8):
+        y0, x0 = rs.randint(0, h - 10), rs.randint(0, w - 10)
+        img[y0 : y0 + rs.randint(10, 40), x0 : x0 + rs.randint(10, 50)] = rs.randint(0, 256, 3)
+    return img
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Tiny pair with identical weights; prompt embeddings scaled so masks depend on the point
+    (random weights otherwise give one speckled mask per image)."""
+    ours, orig = build_pair(seed=1)
+    sd = ours.state_dict()
+    for k in sd:
+        if "point_embeddings" in k or "gaussian" in k:
+            sd[k] = sd[k] * 10
+    ours.load_state_dict(sd)
+    orig.load_state_dict(sd)
+    return ours, orig
+
+
+def _same_records(a, b, mode):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        if mode == "binary_mask":
+            assert x["segmentation"].dtype == bool and np.array_equal(x["segmentation"], y["segmentation"])
+        else:
+            assert x["segmentation"] == y["segmentation"]
+        for k in ("area", "bbox", "point_coords", "crop_box"):
+            assert x[k] == y[k] and type(x[k]) is type(y[k]), k
+        for k in ("predicted_iou", "stability_score"):
+            assert type(x[k]) is float and abs(x[k] - y[k]) < 1e-4
+
+
+BASE = dict(points_per_side=6, points_per_batch=10, pred_iou_thresh=0.0, stability_score_thresh=0.0, crop_n_layers=1)
+
+
+@pytest.mark.parametrize(
+    "mode,nms", [("binary_mask", 0.7), ("uncompressed_rle", 0.7), ("coco_rle", 0.7), ("uncompressed_rle", 1.0)]
+)
+def test_generate_parity(models, mode, nms):
+    ours, orig = models
+    img = _blocks(1)
+    kw = dict(BASE, min_mask_region_area=20, output_mode=mode, box_nms_thresh=nms, crop_nms_thresh=nms)
+    a = SamAutomaticMaskGenerator(ours, **kw).generate(img)
+    _same_records(a, OrigAMG(orig, **kw).generate(img), mode)
+    assert len(a) >= (5 if nms == 0.7 else 50)
+    assert any(r["crop_box"] != [0, 0, 150, 100] for r in a)  # crop-layer masks survive
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(points_per_side=4, crop_n_layers=0, pred_iou_thresh=0.0, stability_score_thresh=0.5),
+        dict(points_per_side=8, crop_n_layers=1, crop_n_points_downscale_factor=2, pred_iou_thresh=0.0,
+             stability_score_thresh=0.0, stability_score_offset=0.5, box_nms_thresh=0.9),
+        dict(points_per_side=None, point_grids=[np.random.RandomState(0).rand(7, 2), np.array([[0.5, 0.5]])],
+             crop_n_layers=1, pred_iou_thresh=0.0, stability_score_thresh=0.0, crop_overlap_ratio=0.1),
+        dict(points_per_side=4, pred_iou_thresh=0.99, stability_score_thresh=0.99, min_mask_region_area=5),
+    ],
+)
+def test_generate_parity_options(models, kw):
+    ours, orig = models
+    img = _blocks(2, 90, 70)
+    _same_records(SamAutomaticMaskGenerator(ours, **kw).generate(img), OrigAMG(orig, **kw).generate(img), "binary_mask")
+
+
+class _OOMOnBigBatches(SamAutomaticMaskGenerator):
+    def _process_batch(self, points, *args):
+        if len(points) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super()._process_batch(points, *args)
+
+
+def test_oom_halves_points_per_batch(models):
+    ours, _ = models
+    img = _blocks(1)
+    kw = dict(BASE, points_per_batch=16, output_mode="uncompressed_rle")
+    ref = SamAutomaticMaskGenerator(ours, **kw).generate(img)
+    gen = _OOMOnBigBatches(ours, **kw)
+    with pytest.warns(UserWarning, match="points_per_batch=8"):
+        out = gen.generate(img)
+    assert gen.points_per_batch == 2
+    _same_records(out, ref, "uncompressed_rle")
+
+
+def test_generate_batch(models):
+    ours, _ = models
+    gen = SamAutomaticMaskGenerator(ours, **dict(BASE, crop_n_layers=0, output_mode="coco_rle"))
+    imgs = [_blocks(1), _blocks(3, 64, 64)]
+    out = gen.generate_batch(imgs)
+    assert len(out) == 2
+    for o, im in zip(out, imgs):
+        _same_records(o, gen.generate(im), "coco_rle")
+    with pytest.raises(ValueError, match=r"images\[1\].*RGBA"):
+        gen.generate_batch([imgs[0], np.zeros((5, 5, 4), np.uint8)])

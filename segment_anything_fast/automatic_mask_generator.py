@@ -28,7 +28,6 @@ from .utils.amg import (
     calculate_stability_score,
     coco_encode_rle,
     generate_crop_boxes,
-    is_box_near_crop_edge,
     mask_to_rle_pytorch,
     remove_small_regions,
     rle_to_mask,
@@ -43,6 +42,18 @@ _COMPACT_EVERY = 1024
 
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _near_crop_edge(boxes: torch.Tensor, crop_box: List[int], orig_size, atol: float = 20.0) -> torch.Tensor:
+    """``is_box_near_crop_edge`` with Python-scalar edges (no host-to-device copy)."""
+    x0, y0 = crop_box[0], crop_box[1]
+    orig_box = (0, 0, orig_size[1], orig_size[0])
+    offsets = (x0, y0, x0, y0)
+    near = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    for k in range(4):
+        b = (boxes[:, k] + offsets[k]).float()
+        near |= ((b - crop_box[k]).abs() <= atol) & ~((b - orig_box[k]).abs() <= atol)
+    return near
 
 
 class SamAutomaticMaskGenerator:
@@ -196,17 +207,28 @@ class SamAutomaticMaskGenerator:
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
         crop_size = cropped.shape[:2]
+        target = self.predictor.transform.target_length
+        if min(self.predictor.transform.get_preprocess_shape(max(crop_size[0], 1), max(crop_size[1], 1), target)) < 1 \
+                or min(crop_size) < 1:
+            # Degenerate crop of a tiny or very thin image (the original crashes here): the
+            # full-image layer already covers it.
+            return MaskData(), None
         self.predictor.set_image(cropped)
         meta = (self.predictor.input_size, crop_size)
         points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
+        # Both copies go to the device once per crop; the loop below only slices them.
+        device = self.predictor.device
+        points_t = torch.as_tensor(points, device=device)
+        coords_t = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size), device=device)
 
         data = MaskData()
         pending, n_pending = [], 0
         start = 0
         while start < len(points):
-            batch = points[start : start + self.points_per_batch]
+            end = start + self.points_per_batch
+            batch = points_t[start:end]
             try:
-                pending.append(self._process_batch(batch, crop_size, crop_box, orig_size))
+                pending.append(self._process_batch(batch, coords_t[start:end], crop_size, crop_box, orig_size))
             except RuntimeError as e:
                 if not _is_oom(e):
                     raise
@@ -252,13 +274,11 @@ class SamAutomaticMaskGenerator:
         data.filter(keep)
         return data
 
-    def _process_batch(self, points: np.ndarray, im_size, crop_box, orig_size) -> MaskData:
-        """Score one batch of point prompts on the device; no host sync."""
-        orig_h, orig_w = orig_size
+    def _process_batch(self, points: torch.Tensor, coords: torch.Tensor, im_size, crop_box, orig_size) -> MaskData:
+        """Score one batch of point prompts (crop-frame ``points``, model-frame ``coords``) on
+        the device; no host sync and no host-to-device copy."""
         pred = self.predictor
-        device = pred.device
-        coords = torch.as_tensor(pred.transform.apply_coords(points, im_size), device=device)
-        labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
         low_res, iou = pred._predict_low_res(coords[:, None, :], labels[:, None], None, None, True)
         low_res = low_res.flatten(0, 1)
         iou = iou.flatten(0, 1).float()
@@ -272,10 +292,10 @@ class SamAutomaticMaskGenerator:
         if self.stability_score_thresh > 0.0:
             keep &= stability >= self.stability_score_thresh
         boxes = batched_mask_to_box(masks > thr)
-        keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        keep &= ~_near_crop_edge(boxes, crop_box, orig_size)
         return MaskData(
             low_res=low_res, iou_preds=iou, stability_score=stability, boxes=boxes, keep=keep,
-            points=torch.as_tensor(points.repeat(3, axis=0), device=device),
+            points=points.repeat_interleave(low_res.shape[0] // points.shape[0], dim=0),
         )
 
     def _encode(self, data: MaskData, crop_boxes, crop_meta, orig_size) -> List[Dict[str, Any]]:

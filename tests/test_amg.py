@@ -6,7 +6,7 @@ import torchvision
 from segment_anything import SamAutomaticMaskGenerator as OrigAMG
 from segment_anything.utils import amg as orig_amg
 
-from segment_anything_fast.automatic_mask_generator import SamAutomaticMaskGenerator
+from segment_anything_fast.automatic_mask_generator import SamAutomaticMaskGenerator, _near_crop_edge
 from segment_anything_fast.utils import amg
 from tests.oracle import build_pair
 
@@ -106,7 +106,9 @@ def test_uncrop_and_edge_helpers():
     assert torch.equal(amg.uncrop_boxes_xyxy(boxes[None], crop), orig_amg.uncrop_boxes_xyxy(boxes[None], crop))
     pts = torch.rand(20, 2, generator=g, dtype=torch.float64) * 60
     assert torch.equal(amg.uncrop_points(pts, crop), orig_amg.uncrop_points(pts, crop))
-    assert torch.equal(amg.is_box_near_crop_edge(boxes, crop, orig_box), orig_amg.is_box_near_crop_edge(boxes, crop, orig_box))
+    near = orig_amg.is_box_near_crop_edge(boxes, crop, orig_box)
+    assert torch.equal(amg.is_box_near_crop_edge(boxes, crop, orig_box), near)
+    assert torch.equal(_near_crop_edge(boxes, crop, (80, 120)), near) and near.any() and not near.all()
     masks = torch.rand(3, 60, 60, generator=g) > 0.5
     assert torch.equal(amg.uncrop_masks(masks, crop, 80, 120), orig_amg.uncrop_masks(masks, crop, 80, 120))
     assert torch.equal(amg.box_xyxy_to_xywh(boxes[0]), orig_amg.box_xyxy_to_xywh(boxes[0]))

@@ -9,13 +9,13 @@ low-res logits only for the survivors, then run-length encoded. COCO RLE and
 ``min_mask_region_area`` (OpenCV) run on the CPU.
 """
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from . import validation
-from .predictor import SamPredictor
+from .predictor import SamPredictor, module_dtype
 from .utils.amg import (
     MaskData,
     area_from_rle,
@@ -128,24 +128,71 @@ class SamAutomaticMaskGenerator:
         ``stability_score`` and ``crop_box`` (XYWH).
         """
         validation.check_image(image, "RGB", self.predictor.transform.target_length)
-        data = self._generate_masks(image)
+        return self._finish(self._generate_masks(image))
+
+    @torch.no_grad()
+    def generate_batch(self, images: List[np.ndarray], encoder_batch_size: int = 4) -> List[List[Dict[str, Any]]]:
+        """``generate`` for a list of images, running the image encoder on up to
+        ``encoder_batch_size`` images/crops per call. Every image is validated before any
+        work. Batched encoder calls may differ from ``generate`` by float rounding."""
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            raise TypeError("generate_batch takes a list of images; for one image call generate(image).")
+        validation._check_number(encoder_batch_size, "encoder_batch_size", lo=1, integer=True)
+        images = list(images)
+        target = self.predictor.transform.target_length
+        for i, im in enumerate(images):
+            try:
+                validation.check_image(im, "RGB", target)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"images[{i}]: {e}") from None
+        out = []
+        for g in range(0, len(images), encoder_batch_size):
+            group = images[g : g + encoder_batch_size]
+            jobs = []  # (image index in group, crop box)
+            for k, im in enumerate(group):
+                for box in generate_crop_boxes(im.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)[0]:
+                    if not self._degenerate(im, box):
+                        jobs.append((k, tuple(box)))
+            embeddings = {}
+            for j in range(0, len(jobs), encoder_batch_size):
+                chunk = jobs[j : j + encoder_batch_size]
+                crops = [group[k][b[1] : b[3], b[0] : b[2]] for k, b in chunk]
+                for key, emb in zip(chunk, self._embed(crops)):
+                    embeddings[key] = emb
+            for k, im in enumerate(group):
+                embs = {b: e for (kk, b), e in embeddings.items() if kk == k}
+                out.append(self._finish(self._generate_masks(im, embs)))
+        return out
+
+    def _embed(self, crops: List[np.ndarray]):
+        """One image-encoder call for several crops: [(features, input_size, crop_size)]."""
+        pred = self.predictor
+        model = pred.model
+        inputs, sizes = [], []
+        for c in crops:
+            if model.image_format != "RGB":
+                c = c[..., ::-1]
+            t = torch.as_tensor(pred.transform.apply_image(c), device=pred.device).permute(2, 0, 1)[None]
+            sizes.append((tuple(t.shape[-2:]), c.shape[:2]))
+            inputs.append(model.preprocess(t.float()))
+        x = torch.cat(inputs).to(module_dtype(model.image_encoder))
+        feats = model.image_encoder(x)
+        return [(feats[i : i + 1], *sizes[i]) for i in range(len(crops))]
+
+    def _degenerate(self, image: np.ndarray, crop_box) -> bool:
+        """Empty crop, or one that resizes to zero pixels (tiny/thin images; the original
+        crashes there). The full-image layer already covers such a crop."""
+        h, w = crop_box[3] - crop_box[1], crop_box[2] - crop_box[0]
+        if h < 1 or w < 1:
+            return True
+        return min(self.predictor.transform.get_preprocess_shape(h, w, self.predictor.transform.target_length)) < 1
+
+    def _finish(self, data: MaskData) -> List[Dict[str, Any]]:
         if self.min_mask_region_area > 0:
             data = self.postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
             )
         return self._records(data)
-
-    def generate_batch(self, images: List[np.ndarray]) -> List[List[Dict[str, Any]]]:
-        """``generate`` for each image of a list; every image is validated before any work."""
-        if isinstance(images, np.ndarray) and images.ndim == 3:
-            raise TypeError("generate_batch takes a list of images; for one image call generate(image).")
-        images = list(images)
-        for i, im in enumerate(images):
-            try:
-                validation.check_image(im, "RGB", self.predictor.transform.target_length)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"images[{i}]: {e}") from None
-        return [self.generate(im) for im in images]
 
     # ------------------------------------------------------------------ pipeline
     def _records(self, data: MaskData) -> List[Dict[str, Any]]:
@@ -171,13 +218,14 @@ class SamAutomaticMaskGenerator:
             )
         return out
 
-    def _generate_masks(self, image: np.ndarray) -> MaskData:
+    def _generate_masks(self, image: np.ndarray, embeddings: Optional[Dict] = None) -> MaskData:
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         data = MaskData()
         crop_meta = []
         for ci, (crop_box, layer_idx) in enumerate(zip(crop_boxes, layer_idxs)):
-            crop_data, meta = self._process_crop(image, crop_box, layer_idx, orig_size, ci)
+            emb = None if embeddings is None else embeddings.get(tuple(crop_box))
+            crop_data, meta = self._process_crop(image, crop_box, layer_idx, orig_size, ci, emb)
             crop_meta.append(meta)
             data.cat(crop_data)
 
@@ -203,17 +251,16 @@ class SamAutomaticMaskGenerator:
         data.to_numpy()
         return data
 
-    def _process_crop(self, image, crop_box, layer_idx, orig_size, crop_idx) -> Tuple[MaskData, Tuple]:
+    def _process_crop(self, image, crop_box, layer_idx, orig_size, crop_idx, embedding=None):
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
         crop_size = cropped.shape[:2]
-        target = self.predictor.transform.target_length
-        if min(self.predictor.transform.get_preprocess_shape(max(crop_size[0], 1), max(crop_size[1], 1), target)) < 1 \
-                or min(crop_size) < 1:
-            # Degenerate crop of a tiny or very thin image (the original crashes here): the
-            # full-image layer already covers it.
+        if self._degenerate(image, crop_box):
             return MaskData(), None
-        self.predictor.set_image(cropped)
+        if embedding is None:
+            self.predictor.set_image(cropped)
+        else:
+            self.predictor._set_features(*embedding)
         meta = (self.predictor.input_size, crop_size)
         points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
         # Both copies go to the device once per crop; the loop below only slices them.

@@ -70,6 +70,14 @@ class SamPredictor:
         self.features = self.model.image_encoder(x)
         self.is_image_set = True
 
+    def _set_features(self, features: torch.Tensor, input_size, original_size) -> None:
+        """Install a precomputed 1xCxhxw embedding (e.g. from a batched encoder call)."""
+        self.reset_image()
+        self.original_size = tuple(int(s) for s in original_size)
+        self.input_size = tuple(int(s) for s in input_size)
+        self.features = features
+        self.is_image_set = True
+
     def predict(
         self,
         point_coords: Optional[np.ndarray] = None,

@@ -80,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=None,
                    help="evaluate only the first N images (by image id); default all")
     d.add_argument("--batch-size", type=int, default=1, help="images per encoder batch (default 1)")
-    d.add_argument("--num-workers", type=int, default=2,
-                   help="DataLoader worker processes for decode/resize/center points (default 2; "
-                        "0 loads in the main process)")
+    d.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes for decode/resize/GT masks/center points "
+                        "(default min(4, CPUs); 0 loads in the main process)")
     d.add_argument("--cache-dir", default=os.path.join("~", ".cache", "segment_anything_fast"),
                    help="where center points are cached by annotation id ('none' disables; "
                         "default ~/.cache/segment_anything_fast)")
@@ -410,7 +410,7 @@ def run(args) -> Dict[str, object]:
         for it, pred in zip(items, preds):
             if pred.shape[0]:
                 gt = it["gt_masks"].to(device, non_blocking=True)
-                ious.append(mask_iou(pred, gt).cpu())
+                ious.append(mask_iou(pred, gt))  # stays on the device: no sync per image
         n_images += len(items)
         print(f"\rbatch {b + 1}/{n_batches}", end="", file=sys.stderr, flush=True)
     sync()
@@ -424,7 +424,7 @@ def run(args) -> Dict[str, object]:
               file=sys.stderr)
     if not ious:
         raise RuntimeError("No image could be evaluated (all were skipped); see the warnings above.")
-    all_ious = torch.cat(ious)
+    all_ious = torch.cat(ious).double().cpu()
     if n_timed == 0:
         print(f"WARNING: all {n_batches} batches were warm-up batches (--warmup-batches "
               f"{warmup}); no throughput measured. Use more images or fewer warm-up batches.",

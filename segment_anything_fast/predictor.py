@@ -140,7 +140,16 @@ class SamPredictor:
         )
         if point_coords is None and boxes is None and mask_input is None:
             raise ValueError("predict_torch() needs a prompt: point_coords + point_labels, boxes, or mask_input.")
-        return self._predict(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits)
+        try:
+            return self._predict(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits)
+        except torch.OutOfMemoryError as e:
+            batch = next(t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None)
+            h, w = self.original_size
+            raise torch.OutOfMemoryError(
+                f"out of memory predicting {batch} prompt(s) with masks of {h}x{w} pixels: split the "
+                "prompts into smaller batches, or pass a downscaled image to set_image(). "
+                f"Original error: {e}"
+            ) from e
 
     def _predict(self, coords, labels, boxes, mask_input, multimask_output, return_logits):
         low_res, scores = self._predict_low_res(coords, labels, boxes, mask_input, multimask_output)

@@ -110,11 +110,11 @@ def check_torch_image(image, original_size, img_size: int, device) -> Tuple[int,
             f"transformed_image must have long side {img_size}, got {tuple(image.shape[2:])}; "
             "resize it with predictor.transform.apply_image_torch(...)."
         )
-    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
-        raise ValueError("transformed_image contains NaN or inf values; replace them (e.g. torch.nan_to_num).")
     if torch.device(image.device) != torch.device(device):
         raise ValueError(f"transformed_image is on {image.device} but the model is on {device}; "
                          "move it with .to(predictor.device).")
+    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+        raise ValueError("transformed_image contains NaN or inf values; replace them (e.g. torch.nan_to_num).")
     return check_size(original_size, "original_image_size")
 
 

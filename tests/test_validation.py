@@ -90,6 +90,7 @@ BAD_TORCH_IMAGES = [
     (torch.full((1, 3, 128, 96), float("nan")), (128, 96), ValueError, "NaN"),
     (torch.zeros(1, 3, 128, 96), (0, 96), ValueError, "positive"),
     (torch.zeros(1, 3, 128, 96), "big", TypeError, "pair of ints"),
+    (torch.zeros(1, 3, 128, 96, device="meta"), (128, 96), ValueError, "on meta but the model is on cpu.*to\\(predictor.device\\)"),
 ]
 
 
@@ -169,6 +170,7 @@ BAD_TORCH_PROMPTS = [
     ((None, None, torch.zeros(0, 4)), ValueError, "empty"),
     ((None, None, torch.tensor([[5.0, 0, 1, 1]])), ValueError, "x1 >= x0"),
     ((C * float("nan"), L, None), ValueError, "NaN"),
+    ((C.to("meta"), L, None), ValueError, "point_coords is on meta.*predictor.device"),
 ]
 
 
@@ -316,3 +318,17 @@ def test_fuzz_generate(model, size, pps, layers, mode, area):
         else:
             assert list(seg["size"]) == list(size)
         assert isinstance(r["area"], int) and len(r["bbox"]) == 4 and len(r["crop_box"]) == 4
+
+
+class _OOMDecoder(torch.nn.Module):
+    def forward(self, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+
+def test_predict_torch_oom_suggests_smaller_batch():
+    ours = build_pair()[0]
+    p = SamPredictor(ours)
+    p.set_image(IMG)
+    ours.mask_decoder = _OOMDecoder()
+    with pytest.raises(torch.OutOfMemoryError, match="5 prompt.*smaller batches"):
+        p.predict_torch(None, None, torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 5))

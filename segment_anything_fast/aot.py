@@ -1,0 +1,582 @@
+"""Ahead-of-time compiled packages and persistent compile caches (fast cold start).
+
+* :func:`export_image_encoder` exports the image encoder with ``torch.export``, compiles it
+  with AOTInductor and writes one ``.pt2`` package (weights included) holding also a JSON
+  record of what it was built for: model architecture and weights, static batch size, dtype,
+  torch version, device kind, GPU name and compute capability (or CPU instruction set).
+* :func:`attach_compiled_package` loads a package with ``torch._inductor.aoti_load_package``
+  and makes ``sam.image_encoder`` run through it (:class:`AOTImageEncoder`), so
+  ``SamPredictor`` / ``SamAutomaticMaskGenerator`` use it unchanged. A package built for
+  another GPU architecture, torch version, dtype, model or weights, or a smaller batch than
+  asked for, raises :class:`PackageMismatchError`, unless ``recompile_on_mismatch=True``.
+* :func:`enable_persistent_caches`: inductor / autotune / Triton caches in one documented
+  directory so that a second process reuses the first one's ``torch.compile`` work.
+"""
+import copy
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+import zipfile
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+PACKAGE_FORMAT = "segment_anything_fast.aot"
+PACKAGE_FORMAT_VERSION = 1
+METADATA_FILE = "segment_anything_fast.json"  # stored under the archive's extra/ folder
+ENCODER_MODEL = "model"  # the name aoti_load_package loads by default
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "segment_anything_fast")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PackageMismatchError(RuntimeError):
+    """A compiled package does not fit this machine, torch build, model or request."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """torch.float32 / bfloat16 / float16, also given by name ("bf16", "fp16", "fp32" too)."""
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str):
+        name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(
+            dtype.lower(), dtype.lower()
+        ).replace("torch.", "")
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or fp32/bf16/fp16), got {dtype!r}.")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _resolve_device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a valid torch device ({e}).") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"AOT packages support device 'cpu' or 'cuda', got {str(dev)!r}.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "device='cuda' but CUDA is not available on this machine; a CUDA package must be "
+                "built and loaded on the GPU it will run on (use device='cpu' for a CPU package)."
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def device_record(device: Union[str, torch.device]) -> Dict[str, Any]:
+    """What a package depends on besides the model: torch build and the device it runs on."""
+    dev = _resolve_device(device)
+    rec: Dict[str, Any] = {
+        "torch_version": torch.__version__,
+        "device_type": dev.type,
+        "gpu_name": None,
+        "gpu_capability": None,
+        "cuda_version": torch.version.cuda,
+        "cpu_capability": None,
+    }
+    if dev.type == "cuda":
+        rec["gpu_name"] = torch.cuda.get_device_name(dev)
+        rec["gpu_capability"] = list(torch.cuda.get_device_capability(dev))
+    else:
+        rec["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return rec
+
+
+def _unwrap_encoder(encoder: nn.Module) -> nn.Module:
+    if isinstance(encoder, AOTImageEncoder):
+        raise ValueError(
+            "sam.image_encoder already runs a compiled package; export from a model built with "
+            "build_sam(...) / build_sam_fast(..., compile_mode=None)."
+        )
+    inner = getattr(encoder, "_modules", {}).get("inner")  # compile.py's StaticBatchEncoder
+    return inner if isinstance(inner, nn.Module) else encoder
+
+
+def encoder_architecture(encoder: nn.Module) -> Dict[str, Any]:
+    """Architecture of an ``ImageEncoderViT`` as plain data (compared when loading)."""
+    encoder = _unwrap_encoder(encoder)
+    try:
+        blocks = list(encoder.blocks)
+        proj = encoder.patch_embed.proj
+        arch = {
+            "img_size": int(encoder.img_size),
+            "patch_size": int(proj.kernel_size[0]),
+            "embed_dim": int(proj.out_channels),
+            "depth": len(blocks),
+            "num_heads": int(blocks[0].attn.num_heads),
+            "window_size": max(int(b.window_size) for b in blocks),
+            "global_attn_indexes": [i for i, b in enumerate(blocks) if int(b.window_size) == 0],
+            "out_chans": int(encoder.neck[0].out_channels),
+        }
+    except (AttributeError, IndexError, TypeError) as e:
+        raise TypeError(
+            f"expected a SAM ImageEncoderViT (segment_anything_fast.modeling), got "
+            f"{type(encoder).__name__} ({e})."
+        ) from None
+    shapes = sorted((k, list(v.shape)) for k, v in encoder.state_dict().items())
+    arch["state_shapes_sha256"] = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
+    return arch
+
+
+def model_type_of(arch: Dict[str, Any]) -> str:
+    """"vit_h"/"vit_l"/"vit_b" when ``arch`` is an official configuration, else "custom"."""
+    from .build_sam import SAM_CONFIGS
+
+    for name, c in SAM_CONFIGS.items():
+        if (
+            c.encoder_embed_dim == arch["embed_dim"]
+            and c.encoder_depth == arch["depth"]
+            and c.encoder_num_heads == arch["num_heads"]
+            and list(c.encoder_global_attn_indexes) == arch["global_attn_indexes"]
+            and c.image_size == arch["img_size"]
+            and c.patch_size == arch["patch_size"]
+            and c.window_size == arch["window_size"]
+        ):
+            return name
+    return "custom"
+
+
+@torch.no_grad()
+def weights_fingerprint(module: nn.Module, dtype: torch.dtype) -> Optional[str]:
+    """Hash of names, shapes and up to 64 sampled values (cast to ``dtype``) per tensor.
+
+    Tells checkpoints apart cheaply (no full pass over the weights). None when the weights
+    cannot be sampled (e.g. quantized tensor subclasses).
+    """
+    module = _unwrap_encoder(module)
+    h = hashlib.sha256()
+    samples = []
+    try:
+        for name, t in sorted(module.state_dict().items()):
+            h.update(f"{name}{list(t.shape)}".encode())
+            if t.is_floating_point() and t.numel():
+                flat = t.detach().reshape(-1)
+                idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device)
+                samples.append(flat[idx.long()].to(dtype).float())
+        if samples:
+            h.update(torch.cat(samples).cpu().numpy().tobytes())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    return h.hexdigest()[:24]
+
+
+def _module_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _module_device(module: nn.Module) -> Optional[torch.device]:
+    for p in module.parameters():
+        return p.device
+    return None
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _atomic_target(path: Union[str, os.PathLike]) -> str:
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not path.endswith(".pt2"):
+        raise ValueError(f"the package path must end in .pt2 (AOTInductor's format), got {path!r}.")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"folder {parent!r} for the package does not exist; create it first.")
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory; give a file name ending in .pt2.")
+    return path
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_image_encoder(
+    sam: nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    batch_size: int = 1,
+    dtype: Union[str, torch.dtype] = torch.bfloat16,
+    device: Union[str, torch.device] = "cuda",
+    max_autotune: bool = True,
+    inductor_configs: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Export + AOT-compile ``sam.image_encoder`` for ``batch_size`` images; write ``path``.
+
+    The encoder is compiled for exactly ``batch_size`` images of ``img_size`` pixels in
+    ``dtype`` on ``device`` (a copy is cast/moved if needed; ``sam`` is not modified). The
+    ``.pt2`` is written to a temporary file next to ``path`` and renamed into place, so a
+    crash never leaves a half-written package. ``max_autotune`` benchmarks GEMM / conv
+    kernels while compiling (CUDA; slower export, faster package). ``inductor_configs`` are
+    passed to AOTInductor on top. Returns the metadata stored in the package.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    dtype = parse_dtype(dtype)
+    dev = _resolve_device(device)
+    target = _atomic_target(path)
+    encoder = _unwrap_encoder(sam.image_encoder)
+    arch = encoder_architecture(encoder)
+    if _module_dtype(encoder) != dtype or _module_device(encoder) != dev:
+        encoder = copy.deepcopy(encoder).to(device=dev, dtype=dtype)
+    encoder.eval()
+    backends = sorted({b.attn.backend for b in encoder.blocks if hasattr(b.attn, "backend")})
+
+    meta: Dict[str, Any] = {
+        "format": PACKAGE_FORMAT,
+        "format_version": PACKAGE_FORMAT_VERSION,
+        "package_version": _package_version(),
+        "created_unix": int(time.time()),
+        "model_type": model_type_of(arch),
+        "encoder_architecture": arch,
+        "weights_fingerprint": weights_fingerprint(encoder, dtype),
+        "attention": backends,
+        "batch_size": batch_size,
+        "dtype": _dtype_name(dtype),
+        "input_shape": [batch_size, 3, arch["img_size"], arch["img_size"]],
+        "models": {"image_encoder": ENCODER_MODEL},
+    }
+    meta.update(device_record(dev))
+
+    options: Dict[str, Any] = {}
+    if max_autotune and dev.type == "cuda":
+        options.update({"max_autotune": True, "max_autotune_gemm": True})
+    options.update(inductor_configs or {})
+    options["aot_inductor.package"] = True
+
+    example = torch.randn(meta["input_shape"], device=dev, dtype=dtype)
+    with torch.no_grad():
+        ep = torch.export.export(encoder, (example,), strict=False)
+        files = torch._inductor.aot_compile(ep.module(), (example,), options=options)
+
+    from torch.export.pt2_archive._package import package_pt2
+
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(target), prefix="." + os.path.basename(target)[:-4] + ".", suffix=".pt2"
+    )
+    os.close(fd)
+    try:
+        package_pt2(
+            tmp,
+            aoti_files={ENCODER_MODEL: files},
+            extra_files={METADATA_FILE: json.dumps(meta, indent=1, sort_keys=True)},
+        )
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return meta
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def read_package_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The JSON record stored by :func:`export_image_encoder` (read without loading code)."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"compiled package not found: {path!r}. Build one with scripts/export_package.py."
+        )
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/extra/" + METADATA_FILE)]
+            if not names:
+                raise ValueError(
+                    f"{path!r} is a .pt2 archive without segment_anything_fast metadata; it was not "
+                    "written by segment_anything_fast.aot.export_image_encoder. Re-export it with "
+                    "scripts/export_package.py."
+                )
+            meta = json.loads(z.read(names[0]).decode())
+    except zipfile.BadZipFile:
+        raise ValueError(
+            f"{path!r} is not a .pt2 package (not a zip archive; truncated download?). Re-export it "
+            "with scripts/export_package.py."
+        ) from None
+    if meta.get("format") != PACKAGE_FORMAT:
+        raise ValueError(f"{path!r} has foreign metadata (format {meta.get('format')!r}).")
+    if meta.get("format_version") != PACKAGE_FORMAT_VERSION:
+        raise PackageMismatchError(
+            f"{path!r} uses package format {meta.get('format_version')!r}; this "
+            f"segment_anything_fast reads format {PACKAGE_FORMAT_VERSION}. Re-export it."
+        )
+    return meta
+
+
+def package_mismatches(
+    meta: Dict[str, Any],
+    *,
+    device: Union[str, torch.device],
+    sam: Optional[nn.Module] = None,
+    dtype: Optional[Union[str, torch.dtype]] = None,
+    batch_size: Optional[int] = None,
+) -> List[str]:
+    """Every reason the package described by ``meta`` cannot serve this request (empty: fits).
+
+    Checked: torch version, device kind, GPU compute capability (or CPU instruction set), and
+    when given: ``dtype``, ``batch_size`` (must not exceed the static batch) and ``sam``'s
+    encoder architecture and weights. A different GPU name of the same architecture is not
+    a mismatch (the kernels run; see :func:`attach_compiled_package`'s warning).
+    """
+    here = device_record(device)
+    problems = []
+    if meta["torch_version"] != here["torch_version"]:
+        problems.append(
+            f"built with torch {meta['torch_version']}, this process runs torch {here['torch_version']}"
+        )
+    if meta["device_type"] != here["device_type"]:
+        problems.append(f"built for device {meta['device_type']!r}, the model is on {here['device_type']!r}")
+    elif here["device_type"] == "cuda" and list(meta["gpu_capability"] or []) != here["gpu_capability"]:
+        cap = meta["gpu_capability"] or []
+        problems.append(
+            f"built for GPU {meta['gpu_name']} (compute capability {'.'.join(map(str, cap))}), this "
+            f"is {here['gpu_name']} ({'.'.join(map(str, here['gpu_capability']))})"
+        )
+    elif here["device_type"] == "cpu" and meta.get("cpu_capability") != here["cpu_capability"]:
+        problems.append(
+            f"built for CPU instruction set {meta.get('cpu_capability')}, this CPU runs "
+            f"{here['cpu_capability']}"
+        )
+    if dtype is not None and _dtype_name(parse_dtype(dtype)) != meta["dtype"]:
+        problems.append(f"package dtype is {meta['dtype']}, requested {_dtype_name(parse_dtype(dtype))}")
+    if batch_size is not None and batch_size > meta["batch_size"]:
+        problems.append(
+            f"package static batch size is {meta['batch_size']}, requested batches of {batch_size}"
+        )
+    if sam is not None:
+        arch = encoder_architecture(sam.image_encoder)
+        if arch != meta["encoder_architecture"]:
+            problems.append(
+                f"package holds a {meta['model_type']} encoder, the model is {model_type_of(arch)} "
+                f"(architecture {meta['encoder_architecture']} vs {arch})"
+            )
+        else:
+            fp = weights_fingerprint(sam.image_encoder, parse_dtype(meta["dtype"]))
+            if fp is not None and meta.get("weights_fingerprint") not in (None, fp):
+                problems.append(
+                    "package was exported from different encoder weights than the model's "
+                    "(another checkpoint?)"
+                )
+    return problems
+
+
+class AOTImageEncoder(nn.Module):
+    """Runs an AOTInductor-compiled image encoder in place of ``ImageEncoderViT``.
+
+    Batches smaller than the package's static batch are zero-padded and the output sliced;
+    larger ones raise ValueError. Input is cast to the package dtype; the output has that
+    dtype. The weights live inside the package (this module has no parameters), and it
+    stays on the device the package was loaded on.
+    """
+
+    def __init__(self, runner, meta: Dict[str, Any], device: torch.device, path: str = ""):
+        super().__init__()
+        self.runner = runner
+        self.metadata = meta
+        self.path = path
+        self.img_size = int(meta["encoder_architecture"]["img_size"])
+        self.batch_size = int(meta["batch_size"])
+        self.dtype = parse_dtype(meta["dtype"])
+        self.device = device
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.metadata['model_type']}, batch_size={self.batch_size}, dtype={self.dtype}, "
+            f"device={self.device}, path={self.path!r}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.img_size
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (3, s, s):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"image encoder input must be (B, 3, {s}, {s}), got {shape}.")
+        n = x.shape[0]
+        if n > self.batch_size:
+            raise ValueError(
+                f"the compiled package takes at most {self.batch_size} images per call (its static "
+                f"batch size), got {n}. Split the batch, or export a package with --batch-size {n}."
+            )
+        if x.device != self.device:
+            raise ValueError(
+                f"input is on {x.device}, the compiled package runs on {self.device}; move the "
+                "model with the package loaded on that device (sam.to() does not move a package)."
+            )
+        x = x.to(self.dtype)
+        if n < self.batch_size:
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, 3, s, s))], dim=0)
+        out = self.runner(x)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return out[:n] if n < self.batch_size else out
+
+
+def load_image_encoder_package(
+    path: Union[str, os.PathLike],
+    sam: Optional[nn.Module] = None,
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[Union[str, torch.dtype]] = None,
+    batch_size: Optional[int] = None,
+) -> AOTImageEncoder:
+    """Load a package as an :class:`AOTImageEncoder` after checking it fits.
+
+    ``device`` defaults to ``sam.device`` (else the current GPU for a CUDA package, or the
+    CPU). With ``sam`` its encoder architecture, weights and (unless ``dtype`` is given) dtype
+    must match. Raises :class:`PackageMismatchError` listing every mismatch.
+    """
+    meta = read_package_metadata(path)
+    if device is None:
+        device = sam.device if sam is not None else ("cuda" if meta["device_type"] == "cuda" else "cpu")
+    dev = _resolve_device(device)
+    if sam is not None and dtype is None:
+        dtype = _module_dtype(_unwrap_encoder(sam.image_encoder))
+    problems = package_mismatches(meta, device=dev, sam=sam, dtype=dtype, batch_size=batch_size)
+    if problems:
+        raise PackageMismatchError(_mismatch_message(path, meta, problems))
+    if meta["gpu_name"] and dev.type == "cuda" and torch.cuda.get_device_name(dev) != meta["gpu_name"]:
+        warnings.warn(
+            f"package {os.fspath(path)!r} was autotuned on {meta['gpu_name']}, running on "
+            f"{torch.cuda.get_device_name(dev)} (same architecture: it works, speed may differ).",
+            stacklevel=2,
+        )
+    index = dev.index if dev.type == "cuda" and dev.index is not None else -1
+    runner = torch._inductor.aoti_load_package(os.fspath(path), device_index=index)
+    return AOTImageEncoder(runner, meta, dev, os.fspath(path))
+
+
+def _mismatch_message(path, meta, problems: List[str]) -> str:
+    return (
+        f"compiled package {os.fspath(path)!r} does not fit: " + "; ".join(problems) + ". "
+        f"Re-export it here (python scripts/export_package.py --model-type {meta['model_type']} "
+        f"--batch-size N --dtype {meta['dtype']} --device {meta['device_type']} --output PATH.pt2), "
+        "or pass recompile_on_mismatch=True to attach_compiled_package to compile a fitting "
+        "package into the cache directory."
+    )
+
+
+def attach_compiled_package(
+    sam: nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    batch_size: Optional[int] = None,
+    recompile_on_mismatch: bool = False,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+) -> nn.Module:
+    """Make ``sam.image_encoder`` run the package at ``path``; returns ``sam``.
+
+    ``sam`` must be the model the package was exported from (same architecture, weights and
+    encoder dtype, on the package's device). ``batch_size`` is the largest batch you will
+    encode at once (default: the package's). On any mismatch (see :func:`package_mismatches`)
+    a :class:`PackageMismatchError` is raised, unless ``recompile_on_mismatch=True``: then a
+    package is re-exported from ``sam`` itself as it is (its dtype, device, and the larger
+    of the two batch sizes), written to ``<cache_dir>/packages/`` (default
+    ``~/.cache/segment_anything_fast``; ``path`` is left untouched), reused from there by
+    later processes, and a warning names it. The eager encoder is replaced (its weights live
+    in the package), so ``sam.state_dict()`` no longer holds ``image_encoder.*``.
+    """
+    if not isinstance(recompile_on_mismatch, bool):
+        raise TypeError(f"recompile_on_mismatch must be a bool, got {recompile_on_mismatch!r}.")
+    if batch_size is not None and (
+        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
+    try:
+        sam.image_encoder = load_image_encoder_package(path, sam, batch_size=batch_size)
+        return sam
+    except PackageMismatchError as e:
+        if not recompile_on_mismatch:
+            raise
+        reason = str(e)
+    meta = read_package_metadata(path)
+    encoder = _unwrap_encoder(sam.image_encoder)
+    dtype = _module_dtype(encoder) or torch.float32
+    bs = max(batch_size or 1, int(meta.get("batch_size", 1)))
+    target = _recompiled_path(sam, dtype, bs, cache_dir)
+    if os.path.exists(target):
+        try:
+            sam.image_encoder = load_image_encoder_package(target, sam, batch_size=bs)
+            warnings.warn(f"{reason} Using the package recompiled earlier: {target}", stacklevel=2)
+            return sam
+        except (PackageMismatchError, ValueError):
+            pass  # stale entry (e.g. torch upgraded): rebuild it below
+    warnings.warn(f"{reason} Recompiling a package for this model into {target} ...", stacklevel=2)
+    export_image_encoder(sam, target, batch_size=bs, dtype=dtype, device=sam.device)
+    sam.image_encoder = load_image_encoder_package(target, sam, batch_size=bs)
+    return sam
+
+
+def _recompiled_path(sam, dtype, batch_size, cache_dir) -> str:
+    root = os.path.join(os.path.expanduser(os.fspath(cache_dir or DEFAULT_CACHE_DIR)), "packages")
+    os.makedirs(root, exist_ok=True)
+    arch = encoder_architecture(sam.image_encoder)
+    rec = device_record(sam.device)
+    key = json.dumps(
+        [arch, weights_fingerprint(sam.image_encoder, dtype), _dtype_name(dtype), batch_size, rec],
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return os.path.join(
+        root, f"{model_type_of(arch)}-{_dtype_name(dtype)}-b{batch_size}-{rec['device_type']}-{digest}.pt2"
+    )
+
+
+# ----------------------------------------------------------------------------- caches
+
+
+def enable_persistent_caches(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, str]:
+    """Keep ``torch.compile``'s work on disk in ``cache_dir`` for later processes.
+
+    Default directory: ``~/.cache/segment_anything_fast`` (torch's default lives under /tmp,
+    which containers and reboots wipe). Call it before the first ``torch.compile`` /
+    ``build_sam_fast`` in the process. It turns on inductor's FX graph cache, the AOTAutograd
+    cache, the local autotune cache and bundles Triton kernels into the FX graph cache
+    entries (``torch._inductor.config`` / ``torch._functorch.config``), and points the cache
+    folders there. torch reads the folders only from environment variables, so this
+    function sets ``TORCHINDUCTOR_CACHE_DIR=<cache_dir>/inductor`` and
+    ``TRITON_CACHE_DIR=<cache_dir>/triton`` in ``os.environ`` of this process (and so of its
+    children). Returns the paths used.
+    """
+    root = os.path.abspath(os.path.expanduser(os.fspath(cache_dir or DEFAULT_CACHE_DIR)))
+    paths = {
+        "root": root,
+        "inductor": os.path.join(root, "inductor"),
+        "triton": os.path.join(root, "triton"),
+        "packages": os.path.join(root, "packages"),
+    }
+    for p in paths.values():
+        try:
+            os.makedirs(p, exist_ok=True)
+        except OSError as e:
+            raise RuntimeError(f"cannot create cache directory {p!r}: {e}") from None
+        if not os.access(p, os.W_OK):
+            raise RuntimeError(f"cache directory {p!r} is not writable; pass another cache_dir.")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = paths["inductor"]
+    os.environ["TRITON_CACHE_DIR"] = paths["triton"]
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    inductor_config.autotune_local_cache = True
+    inductor_config.bundle_triton_into_fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    from torch._inductor.utils import clear_caches
+
+    clear_caches()  # forget cache paths memoised before this call
+    return paths

@@ -312,14 +312,13 @@ class SamAutomaticMaskGenerator:
 
     @staticmethod
     def _compact(pending: List[MaskData]) -> MaskData:
-        """Concatenate batch results and drop rejected candidates (one host sync)."""
-        data = MaskData()
+        """Keep the accepted candidates of several batches. The first ``nonzero`` waits for the
+        queued batches; the rest are immediate. Survivors are gathered before concatenation."""
+        parts = []
         for p in pending:
-            data.cat(p)
-        keep = torch.nonzero(data["keep"])[:, 0]
-        del data["keep"]
-        data.filter(keep)
-        return data
+            idx = torch.nonzero(p["keep"])[:, 0]
+            parts.append({k: v[idx] for k, v in p.items() if k != "keep"})
+        return MaskData(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
 
     def _process_batch(self, points: torch.Tensor, coords: torch.Tensor, im_size, crop_box, orig_size) -> MaskData:
         """Score one batch of point prompts (crop-frame ``points``, model-frame ``coords``) on

@@ -26,6 +26,11 @@ def _kind(x) -> str:
     return type(x).__name__
 
 
+def _same_device(a, b) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def check_image_format(image_format: str) -> str:
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}.")
@@ -110,7 +115,7 @@ def check_torch_image(image, original_size, img_size: int, device) -> Tuple[int,
             f"transformed_image must have long side {img_size}, got {tuple(image.shape[2:])}; "
             "resize it with predictor.transform.apply_image_torch(...)."
         )
-    if torch.device(image.device) != torch.device(device):
+    if not _same_device(image.device, device):
         raise ValueError(f"transformed_image is on {image.device} but the model is on {device}; "
                          "move it with .to(predictor.device).")
     if image.is_floating_point() and not bool(torch.isfinite(image).all()):
@@ -233,7 +238,7 @@ def check_prompts_torch(
     def tensor(x, name):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {_kind(x)}; use predict() for numpy inputs.")
-        if torch.device(x.device) != dev:
+        if not _same_device(x.device, dev):
             raise ValueError(f"{name} is on {x.device} but the model is on {dev}; move it with .to(predictor.device).")
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or inf values.")

@@ -64,11 +64,12 @@ class MaskData:
                     self._stats[k] = [v[i] for i in keep_np.tolist()]
 
     def cat(self, new_stats: "MaskData") -> None:
-        """Append the rows of ``new_stats``."""
+        """Append the rows of ``new_stats`` (lists are copied; tensors/arrays are shared
+        until the next ``cat``, which makes new ones)."""
         for k, v in new_stats.items():
             cur = self._stats.get(k)
             if cur is None:
-                self._stats[k] = deepcopy(v)
+                self._stats[k] = deepcopy(v) if isinstance(v, list) else v
             elif isinstance(v, torch.Tensor):
                 self._stats[k] = torch.cat([cur, v.to(cur.device)], dim=0)
             elif isinstance(v, np.ndarray):

@@ -72,6 +72,7 @@ def build_original(name, sd, dtype):
 
     with torch.device("cuda"):
         sam = sam_model_registry[name]()
+    sam.to("cuda")  # pixel_mean/std are made with torch.Tensor(list), which ignores the context
     sam.load_state_dict(sd)
     sam.image_encoder.to(dtype)
     sam.prompt_encoder.to(dtype)
@@ -84,6 +85,7 @@ def build_peer(name, sd, mode):
 
     with torch.device("cuda"):
         sam = sam_model_registry[name]()
+    sam.to("cuda")
     sam.load_state_dict(sd)
     sam = sam.to(torch.bfloat16).eval()
     enc = sam.image_encoder if mode is None else torch.compile(sam.image_encoder, mode=mode)
@@ -96,6 +98,7 @@ def build_ours(name, sd, attention, mode, batch, regional):
 
     with torch.device("cuda"):
         sam = build_sam(name, attention=attention)
+    sam.to("cuda")
     sam.load_state_dict(sd)
     make_fast(sam, dtype=torch.bfloat16, attention=attention, compile_mode=mode,
               batch_size=batch, regional=regional, decoder_mode=None)
@@ -149,6 +152,22 @@ def time_encoder(enc, x, iters, sync_check):
     ms = sorted(a.elapsed_time(b) for a, b in times)
     peak = torch.cuda.max_memory_allocated() / 2**30
     return first, ms[len(ms) // 2], peak, sync_free
+
+
+def profile(enc, x, label, top=25):
+    """Print the kernels taking the most GPU time over 3 calls, grouped by name."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    with torch.no_grad(), prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(3):
+            enc(x)
+        torch.cuda.synchronize()
+    evs = [e for e in p.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in evs)
+    print(f"--- profile {label}: {total / 3e3:.2f} ms GPU per call in {len(evs)} kernel names")
+    for e in sorted(evs, key=lambda e: -e.device_time_total)[:top]:
+        print(f"{e.device_time_total / 3e3:8.3f} ms {100 * e.device_time_total / total:5.1f}% "
+              f"x{e.count // 3:<4d} {e.key[:110]}")
 
 
 def embed(enc, imgs, batch, dtype):
@@ -230,6 +249,7 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--fid-images", type=int, default=4)
     ap.add_argument("--predictor", action="store_true", help="also time set_image + 64 points")
+    ap.add_argument("--profile", action="store_true", help="print ours' top GPU kernels")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="skip measurements that would start after this many seconds")
     ap.add_argument("--out-dir", default="experiments/results")
@@ -309,6 +329,11 @@ def main():
             build_s = time.time() - t
             x = bench_x[:batch].to(dtype)
             first, ms, peak, sync_free = time_encoder(enc, x, args.iters, sync_check)
+            if args.profile and impl == "ours":
+                try:
+                    profile(enc, x, f"{impl} {mode} b{batch}")
+                except Exception as e:
+                    log("profile failed:", repr(e)[:200])
             emb = embed(enc, fid_x, batch, dtype)
             cos = torch.nn.functional.cosine_similarity(emb.flatten(1), ref_emb.flatten(1))
             masks = decode_masks(ref_sam, emb, points)
@@ -367,6 +392,7 @@ def main():
             free()
             with torch.device("cuda"):
                 sam = build_sam(args.model, attention=args.ours_attention)
+            sam.to("cuda")
             sam.load_state_dict(sd)
             make_fast(sam, dtype=torch.bfloat16, attention=args.ours_attention,
                       compile_mode=args.ours_mode, batch_size=1, regional=args.ours_regional,

@@ -29,7 +29,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SAMPLE_IMAGE = os.path.join(REPO, "segment_anything_fast", "assets", "sample.png")
+import segment_anything_fast  # noqa: E402
+
+SAMPLE_IMAGE = os.path.join(os.path.dirname(segment_anything_fast.__file__), "assets", "sample.png")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pbm",
               ".pgm", ".ppm")
 MODEL_TYPES = ("default", "vit_h", "vit_l", "vit_b", "tiny")
@@ -280,6 +282,44 @@ def build_model(args):
     return build_sam(config, args.checkpoint).to(args.device), model_type
 
 
+def _run_all(args, generator, targets, failures) -> Tuple[int, int, int]:
+    """Process every target; append (path, reason) to ``failures``; return counts."""
+    from tqdm import tqdm
+
+    skipped = written = n_masks = 0
+    for path, name in tqdm(targets, desc="AMG", unit="img", file=sys.stderr,
+                           disable=len(targets) < 2):
+        if args.resume and is_complete(args.output, name, args.convert_to_rle, args.overlay):
+            skipped += 1
+            continue
+        try:
+            image = read_image(path)
+            masks = generator.generate(image)
+            main_path, overlay_path = output_paths(args.output, name, args.convert_to_rle)
+            os.makedirs(os.path.dirname(main_path) or ".", exist_ok=True)
+            if args.overlay:
+                ok, buf = cv2.imencode(".png", overlay_image(image, _binary(masks)))
+                if not ok:
+                    raise RuntimeError(f"PNG encoding of the overlay failed for {path}")
+                write_file_atomic(overlay_path, buf.tobytes())
+            if args.convert_to_rle:
+                write_file_atomic(main_path, json.dumps(masks, default=_json_default).encode())
+            else:
+                write_masks_folder(masks, main_path)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # one bad image must not stop the others
+            failures.append((path, f"{type(e).__name__}: {e}"))
+            tqdm.write(f"skipping {path}: {e}", file=sys.stderr)
+            continue
+        written += 1
+        n_masks += len(masks)
+        if len(targets) == 1:
+            print(f"{path}: {len(masks)} masks -> {main_path}"
+                  + (f" (+ {overlay_path})" if args.overlay else ""))
+    return written, skipped, n_masks
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -317,45 +357,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     os.makedirs(args.output, exist_ok=True)
     clean_stale_temps(args.output)
-    from tqdm import tqdm
-
-    failures, skipped, written, n_masks = [], 0, 0, 0
+    failures: List[Tuple[str, str]] = []
     t0 = time.perf_counter()
-    for path, name in tqdm(targets, desc="AMG", unit="img", file=sys.stderr,
-                           disable=len(targets) < 2):
-        if args.resume and is_complete(args.output, name, args.convert_to_rle, args.overlay):
-            skipped += 1
-            continue
-        try:
-            image = read_image(path)
-            masks = generator.generate(image)
-            main_path, overlay_path = output_paths(args.output, name, args.convert_to_rle)
-            os.makedirs(os.path.dirname(main_path) or ".", exist_ok=True)
-            if args.overlay:
-                ok, buf = cv2.imencode(".png", overlay_image(image, _binary(masks)))
-                write_file_atomic(overlay_path, buf.tobytes())
-            if args.convert_to_rle:
-                write_file_atomic(main_path, json.dumps(masks, default=_json_default).encode())
-            else:
-                write_masks_folder(masks, main_path)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # one bad image must not stop the others
-            failures.append((path, f"{type(e).__name__}: {e}"))
-            tqdm.write(f"skipping {path}: {e}", file=sys.stderr)
-            continue
-        written += 1
-        n_masks += len(masks)
-        if len(targets) == 1:
-            print(f"{path}: {len(masks)} masks -> {main_path}"
-                  + (f" (+ {overlay_path})" if args.overlay else ""))
+    try:
+        written, skipped, n_masks = _run_all(args, generator, targets, failures)
+    except KeyboardInterrupt:
+        clean_stale_temps(args.output)  # our own half-written temporaries
+        print("\nInterrupted: finished images are kept; rerun with --resume to continue.",
+              file=sys.stderr)
+        return 130
     dt = time.perf_counter() - t0
     print(f"Done: {written} image(s) written ({n_masks} masks), {skipped} already complete, "
           f"{len(failures)} failed, in {dt:.1f} s. Output: {args.output}")
     if written and n_masks == 0:
         hint = " (expected with random weights)" if args.checkpoint is None else ""
         print("NOTE: no mask passed the filters" + hint + "; lower --pred-iou-thresh and "
-              "--stability-score-thresh (e.g. 0.0 and 0.5) to keep more.", file=sys.stderr)
+              "--stability-score-thresh (with random weights: both 0) to keep more.", file=sys.stderr)
     if failures:
         print(f"{len(failures)} image(s) failed:", file=sys.stderr)
         for path, why in failures:

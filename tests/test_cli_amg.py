@@ -109,10 +109,10 @@ def test_bad_inputs(tmp_path, capsys):
 
 def test_resume_after_killed_run(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
-    names = [f"img{i:02d}.png" for i in range(10)]
+    names = [f"img{i:02d}.png" for i in range(5)]
     _images(str(src), names, size=(160, 120))
     cmd = [sys.executable, SCRIPT, "--input", str(src), "--output", str(out),
-           *FAST[:4], "--points-per-side", "12", "--pred-iou-thresh", "0",
+           *FAST[:4], "--points-per-side", "8", "--pred-iou-thresh", "0",
            "--stability-score-thresh", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -138,3 +138,23 @@ def test_resume_after_killed_run(tmp_path):
     assert all(amg.is_complete(str(out), n[:-4], False, False) for n in names)
     assert {n: os.path.getmtime(out / n / "metadata.csv") for n in done} == mtimes
     assert _no_temps(str(out)) == []
+
+
+def test_ctrl_c_keeps_finished_images_and_no_temps(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    _images(str(src), [f"p{i}.png" for i in range(4)], size=(160, 120))
+    cmd = [sys.executable, SCRIPT, "--input", str(src), "--output", str(out), "--overlay",
+           *FAST[:4], "--points-per-side", "8", "--pred-iou-thresh", "0",
+           "--stability-score-thresh", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "p0_overlay.png").exists():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "rerun with --resume" in err
+    assert _no_temps(str(out)) == []
+    assert amg.is_complete(str(out), "p0", False, True)

@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Cold start: seconds from a fresh Python process to the first mask (issue 9).
+
+Steps (each one runs in fresh child processes, timed from spawn to the first mask):
+
+* ``export``: ``scripts/export_package.py`` writes the AOTInductor package (one-time cost).
+* ``package``: build the model from the checkpoint, attach the package, SamPredictor
+  ``set_image`` + one point ``predict`` (twice: the second run has a warm OS page cache).
+* ``compile_cold`` / ``compile_warm``: ``enable_persistent_caches(<workdir>/cache)`` then
+  ``build_sam_fast`` (torch.compile) and the same first mask; cold starts from an empty cache
+  directory, warm reuses what cold left there.
+
+Each child also times the image encoder over ``--iters`` batches after its first mask, so
+package and in-process compiled throughput compare. Without ``--checkpoint`` a random
+checkpoint file is written once to the workdir (the load time is then still measured).
+
+    python experiments/cold_start.py --model-type vit_h --workdir /tmp/cold --output cold_vit_h.json
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+STEPS = ("export", "package", "compile_cold", "compile_warm")
+
+
+def child(args):
+    t0 = time.perf_counter()
+    import numpy as np
+    import torch
+
+    from segment_anything_fast.aot import attach_compiled_package, enable_persistent_caches
+    from segment_anything_fast.predictor import SamPredictor
+
+    t_import = time.perf_counter()
+    dtype = getattr(torch, args.dtype)
+    if args.child == "package":
+        from segment_anything_fast.build_sam import build_sam
+        from segment_anything_fast.compile import cast_model
+
+        sam = build_sam(args.model_type, args.checkpoint, attention=args.attention)
+        cast_model(sam, dtype).to(args.device).eval()
+        t_build = time.perf_counter()
+        attach_compiled_package(sam, args.package, batch_size=args.batch_size)
+    else:
+        enable_persistent_caches(args.cache_dir)
+        from segment_anything_fast.build_sam_fast import build_sam_fast
+
+        sam = build_sam_fast(args.model_type, args.checkpoint, dtype=dtype, attention=args.attention,
+                             batch_size=args.batch_size, device=args.device,
+                             decoder_compile_mode=None)
+        t_build = time.perf_counter()
+    t_ready = time.perf_counter()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    pred = SamPredictor(sam)
+    pred.set_image(image)
+    masks, scores, _ = pred.predict(point_coords=np.array([[500.0, 375.0]]), point_labels=np.array([1]))
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
+    sync()
+    t_mask = time.perf_counter()
+
+    x = torch.randn(args.batch_size, 3, 1024, 1024, device=args.device, dtype=dtype)
+    with torch.no_grad():
+        for _ in range(3):
+            sam.image_encoder(x)
+        sync()
+        s = time.perf_counter()
+        for _ in range(args.iters):
+            sam.image_encoder(x)
+        sync()
+        per_batch = (time.perf_counter() - s) / args.iters
+    print("RESULT " + json.dumps({
+        "import_s": t_import - t0, "build_s": t_build - t_import, "attach_or_compile_s": t_ready - t_build,
+        "first_mask_s": t_mask - t_ready, "in_process_total_s": t_mask - t0,
+        "mask_area": int(masks[0].sum()), "encoder_ms_per_batch": per_batch * 1e3,
+        "encoder_img_per_s": args.batch_size / per_batch, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }), flush=True)
+
+
+def spawn(cmd, timeout):
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    res = {"wall_s": round(wall, 2)}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res.update(json.loads(line[len("RESULT "):]))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-type", default="vit_h", choices=["vit_h", "vit_l", "vit_b"])
+    ap.add_argument("--checkpoint", help="SAM checkpoint (default: a random one in the workdir)")
+    ap.add_argument("--workdir", required=True, help="package, random checkpoint and caches go here")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--attention", default="flex")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
+    ap.add_argument("--export-args", default="", help="extra arguments for export_package.py")
+    ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--output", help="write the results as JSON here")
+    ap.add_argument("--child", choices=["package", "compile"], help=argparse.SUPPRESS)
+    ap.add_argument("--package", help=argparse.SUPPRESS)
+    ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    os.makedirs(args.workdir, exist_ok=True)
+    ckpt = args.checkpoint
+    if ckpt is None:
+        ckpt = os.path.join(args.workdir, f"random_{args.model_type}.pth")
+        if not os.path.exists(ckpt):
+            print(f"no --checkpoint: writing RANDOM weights to {ckpt}", flush=True)
+            import torch
+
+            from segment_anything_fast.build_sam import build_sam
+
+            torch.save(build_sam(args.model_type).state_dict(), ckpt)
+    package = os.path.join(args.workdir, f"{args.model_type}_b{args.batch_size}_{args.dtype}.pt2")
+    cache = os.path.join(args.workdir, "cache")
+    common = ["--model-type", args.model_type, "--checkpoint", ckpt, "--batch-size", str(args.batch_size),
+              "--dtype", args.dtype, "--attention", args.attention, "--device", args.device]
+    me = [sys.executable, os.path.abspath(__file__)] + common + ["--workdir", args.workdir,
+                                                                "--iters", str(args.iters)]
+    results = {"model_type": args.model_type, "batch_size": args.batch_size, "dtype": args.dtype,
+               "attention": args.attention}
+    if "export" in args.steps:
+        results["export"] = spawn([sys.executable, os.path.join(ROOT, "scripts", "export_package.py")]
+                                  + common + ["--output", package] + args.export_args.split(), args.timeout)
+        print("export", results["export"], flush=True)
+    if "package" in args.steps:
+        results["package"] = [spawn(me + ["--child", "package", "--package", package], args.timeout)
+                              for _ in range(2)]
+        print("package", results["package"], flush=True)
+    if "compile_cold" in args.steps:
+        shutil.rmtree(cache, ignore_errors=True)
+        results["compile_cold"] = spawn(me + ["--child", "compile", "--cache-dir", cache], args.timeout)
+        print("compile_cold", results["compile_cold"], flush=True)
+    if "compile_warm" in args.steps:
+        results["compile_warm"] = spawn(me + ["--child", "compile", "--cache-dir", cache], args.timeout)
+        print("compile_warm", results["compile_warm"], flush=True)
+    if "package" in results and "compile_cold" in results:
+        results["package_vs_compiled_throughput"] = (
+            results["package"][-1]["encoder_img_per_s"] / results["compile_cold"]["encoder_img_per_s"]
+        )
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -46,12 +46,18 @@ def main(argv=None):
                    help="fixed image size WxH, e.g. 640x480 (default: a mix of COCO-like sizes)")
     p.add_argument("--objects", type=_objects, default=(4, 12),
                    help="range of shapes drawn per image before occlusion, e.g. 4-12 (default)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes generating images in parallel; the output does not depend on "
+                        "it (default min(8, CPUs))")
     args = p.parse_args(argv)
     if args.num_images < 1:
         p.error(f"--num-images must be >= 1, got {args.num_images}")
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
     t0 = time.perf_counter()
     path = write_coco_dataset(args.output, args.num_images, seed=args.seed, split=args.split,
-                              image_format=args.format, size=args.size, num_objects=args.objects)
+                              image_format=args.format, size=args.size, num_objects=args.objects,
+                              workers=args.workers)
     from pycocotools.coco import COCO
     import contextlib, io
     with contextlib.redirect_stdout(io.StringIO()):

@@ -84,7 +84,7 @@ def test_rle_round_trip_and_rings_use_rle():
 
 def test_deterministic_and_prefix_stable(tmp_path):
     a = write_coco_dataset(str(tmp_path / "a"), 3, seed=5, image_format="png")
-    b = write_coco_dataset(str(tmp_path / "b"), 4, seed=5, image_format="png")
+    b = write_coco_dataset(str(tmp_path / "b"), 4, seed=5, image_format="png", workers=2)
     c = write_coco_dataset(str(tmp_path / "c"), 3, seed=6, image_format="png")
     da, db, dc = (json.load(open(p)) for p in (a, b, c))
     na = len(da["annotations"])

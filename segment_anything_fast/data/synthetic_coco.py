@@ -11,7 +11,9 @@ so the same evaluation commands work on real ``val2017``.
 Image ``i`` depends only on ``(seed, i)``: a larger dataset extends a smaller one.
 """
 import json
+import multiprocessing
 import os
+from functools import partial
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -173,6 +175,31 @@ def mask_to_segmentation(mask: np.ndarray, kind: str, min_polygon_iou: float = 0
     return encode_rle(mask)
 
 
+def _write_image(img_dir, seed, size, image_format, num_objects, idx):
+    """Generate and save image ``idx``; returns its image record and annotations (no ids)."""
+    img_id = idx + 1
+    rng = np.random.default_rng([seed, idx, 1])
+    w, h = size if size is not None else COCO_LIKE_SIZES[int(rng.integers(len(COCO_LIKE_SIZES)))]
+    scene = make_scene([seed, idx], w, h, num_objects=num_objects)
+    file_name = f"{img_id:012d}.{image_format}"
+    bgr = cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 92] if image_format == "jpg" else []
+    if not cv2.imwrite(os.path.join(img_dir, file_name), bgr, params):
+        raise RuntimeError(f"Could not write image {os.path.join(img_dir, file_name)}.")
+    anns = []
+    for mask, kind in zip(scene.masks, scene.kinds):
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        anns.append({
+            "image_id": img_id,
+            "category_id": CATEGORIES.index(kind) + 1,
+            "segmentation": mask_to_segmentation(mask, kind),
+            "area": float(mask_utils.area(rle)),
+            "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            "iscrowd": 0,
+        })
+    return {"id": img_id, "file_name": file_name, "width": w, "height": h}, anns
+
+
 def write_coco_dataset(
     root: str,
     num_images: int,
@@ -181,47 +208,38 @@ def write_coco_dataset(
     image_format: str = "jpg",
     size: Optional[Tuple[int, int]] = None,
     num_objects: Tuple[int, int] = (4, 12),
+    workers: int = 1,
 ) -> str:
     """Write ``num_images`` scenes as a COCO dataset under ``root``; return the JSON path.
 
     Images go to ``<root>/<split>/<id:012d>.<image_format>``, annotations to
     ``<root>/annotations/instances_<split>.json``. ``size`` is (width, height); None mixes
-    COCO-like sizes.
+    COCO-like sizes. ``workers`` > 1 generates images in that many processes (same output).
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}.")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}.")
     if not split or os.sep in split:
         raise ValueError(f"split must be a plain folder name like 'val2017', got {split!r}.")
     img_dir = os.path.join(root, split)
     ann_dir = os.path.join(root, "annotations")
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(ann_dir, exist_ok=True)
+    job = partial(_write_image, img_dir, seed, size, image_format, num_objects)
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(job, range(num_images), chunksize=4)
+    else:
+        results = [job(idx) for idx in range(num_images)]
     images, annotations = [], []
+    for info, anns in results:
+        images.append(info)
+        for a in anns:
+            annotations.append({"id": len(annotations) + 1, **a})
     cat_ids = {name: i + 1 for i, name in enumerate(CATEGORIES)}
-    for idx in range(num_images):
-        img_id = idx + 1
-        rng = np.random.default_rng([seed, idx, 1])
-        w, h = size if size is not None else COCO_LIKE_SIZES[int(rng.integers(len(COCO_LIKE_SIZES)))]
-        scene = make_scene([seed, idx], w, h, num_objects=num_objects)
-        file_name = f"{img_id:012d}.{image_format}"
-        bgr = cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR)
-        params = [cv2.IMWRITE_JPEG_QUALITY, 92] if image_format == "jpg" else []
-        if not cv2.imwrite(os.path.join(img_dir, file_name), bgr, params):
-            raise RuntimeError(f"Could not write image {os.path.join(img_dir, file_name)}.")
-        images.append({"id": img_id, "file_name": file_name, "width": w, "height": h})
-        for mask, kind in zip(scene.masks, scene.kinds):
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": img_id,
-                "category_id": cat_ids[kind],
-                "segmentation": mask_to_segmentation(mask, kind),
-                "area": float(mask_utils.area(rle)),
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                "iscrowd": 0,
-            })
     dataset = {
         "info": {"description": f"segment_anything_fast synthetic COCO, seed {seed}",
                  "version": "1.0"},

@@ -297,7 +297,7 @@ def test_fuzz_set_image(model, spec):
 
 
 @seed(7)
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     size=st.tuples(st.integers(1, 40), st.integers(1, 40)),
     pps=st.integers(1, 3),

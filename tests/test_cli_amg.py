@@ -70,6 +70,22 @@ def test_folder_with_corrupt_file_overlay_and_png_format(tmp_path, capsys):
     assert np.abs(cv2.imread(str(out / "a_overlay.png")).astype(int) - img).max() > 10
 
 
+def test_batched_images_same_outputs(tmp_path, capsys):
+    src = tmp_path / "in"
+    _images(str(src), ["a.png", "b.png", "c.png"])
+    (src / "bad.png").write_bytes(b"not a png")
+    outs = []
+    for n in ("1", "2"):
+        out = tmp_path / f"out{n}"
+        rc = amg.main(["--input", str(src), "--output", str(out), "--batch-images", n, *FAST])
+        assert rc == 1 and "bad.png" in capsys.readouterr().err
+        outs.append(out)
+    for name in ("a", "b", "c"):
+        _check_folder_output(str(outs[1] / name), (72, 96))
+        rows = [open(o / name / "metadata.csv").read().splitlines() for o in outs]
+        assert len(rows[0]) == len(rows[1])  # same masks (values may differ by float rounding)
+
+
 def test_convert_to_rle_json(tmp_path, capsys):
     src, out = tmp_path / "one.png", tmp_path / "out"
     _images(str(tmp_path), ["one.png"])

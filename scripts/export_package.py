@@ -56,6 +56,12 @@ def main(argv=None):
                         "(default on cpu)")
     p.add_argument("--no-max-autotune", action="store_true",
                    help="skip kernel autotuning while compiling (faster export, slower package)")
+    p.add_argument("--with-mask-decoder", action="store_true",
+                   help="also compile the mask decoder (any prompt count up to --max-prompts)")
+    p.add_argument("--max-prompts", type=_positive_int, default=1024,
+                   help="largest number of prompts per decoder call (default 1024; more run in chunks)")
+    p.add_argument("--max-prompt-tokens", type=_positive_int, default=64,
+                   help="largest number of points (+1) or box corners per prompt (default 64)")
     p.add_argument("--output", required=True, help="package file to write, ending in .pt2")
     args = p.parse_args(argv)
 
@@ -84,17 +90,22 @@ def main(argv=None):
               "meaningless; use this only for tests and timing).", flush=True)
     sam = build_sam(config, args.checkpoint, attention=attention)
     sam.image_encoder.to(device=device, dtype=dtype)  # export then needs no copy
+    if args.with_mask_decoder:
+        sam.mask_decoder.to(device=device, dtype=dtype)
     t1 = time.perf_counter()
     print(f"built {name} ({'random weights' if args.checkpoint is None else args.checkpoint}) "
           f"in {t1 - t0:.1f} s; exporting batch {args.batch_size}, {dtype}, {device}, "
           f"attention={attention} ...", flush=True)
     meta = export_image_encoder(sam, args.output, batch_size=args.batch_size, dtype=dtype,
-                                device=device, max_autotune=not args.no_max_autotune)
+                                device=device, max_autotune=not args.no_max_autotune,
+                                include_mask_decoder=args.with_mask_decoder,
+                                max_prompts=args.max_prompts, max_prompt_tokens=args.max_prompt_tokens)
     t2 = time.perf_counter()
     size_mb = os.path.getsize(args.output) / 2**20
     where = meta["gpu_name"] or f"CPU ({meta['cpu_capability']})"
     print(f"wrote {args.output} ({size_mb:.1f} MiB) in {t2 - t1:.1f} s: {meta['model_type']}, "
-          f"batch {meta['batch_size']}, {meta['dtype']}, torch {meta['torch_version']}, {where}")
+          f"batch {meta['batch_size']}, {meta['dtype']}, torch {meta['torch_version']}, {where}"
+          f"{', with mask decoder' if 'decoder' in meta else ''}")
     return 0
 
 

@@ -4,8 +4,12 @@
   with AOTInductor and writes one ``.pt2`` package (weights included) holding also a JSON
   record of what it was built for: model architecture and weights, static batch size, dtype,
   torch version, device kind, GPU name and compute capability (or CPU instruction set).
+  With ``include_mask_decoder=True`` the mask decoder goes in too, exported once for any
+  prompt count up to ``max_prompts`` and 1..``max_prompt_tokens`` sparse tokens (dynamic
+  shapes instead of compiled buckets).
 * :func:`attach_compiled_package` loads a package with ``torch._inductor.aoti_load_package``
-  and makes ``sam.image_encoder`` run through it (:class:`AOTImageEncoder`), so
+  and makes ``sam.image_encoder`` (and ``sam.mask_decoder`` when the package has it) run
+  through it (:class:`AOTImageEncoder`, :class:`AOTMaskDecoder`), so
   ``SamPredictor`` / ``SamAutomaticMaskGenerator`` use it unchanged. A package built for
   another GPU architecture, torch version, dtype, model or weights, or a smaller batch than
   asked for, raises :class:`PackageMismatchError`, unless ``recompile_on_mismatch=True``.
@@ -20,15 +24,18 @@ import tempfile
 import time
 import warnings
 import zipfile
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from .compile import _Proxy
 
 PACKAGE_FORMAT = "segment_anything_fast.aot"
 PACKAGE_FORMAT_VERSION = 1
 METADATA_FILE = "segment_anything_fast.json"  # stored under the archive's extra/ folder
 ENCODER_MODEL = "model"  # the name aoti_load_package loads by default
+DECODER_MODEL = "mask_decoder"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "segment_anything_fast")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,19 +102,44 @@ def device_record(device: Union[str, torch.device]) -> Dict[str, Any]:
     return rec
 
 
-def _unwrap_encoder(encoder: nn.Module) -> nn.Module:
-    if isinstance(encoder, AOTImageEncoder):
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The eager module behind compile.py's wrappers (or an AOTMaskDecoder)."""
+    if isinstance(module, AOTImageEncoder):
         raise ValueError(
             "sam.image_encoder already runs a compiled package; export from a model built with "
             "build_sam(...) / build_sam_fast(..., compile_mode=None)."
         )
-    inner = getattr(encoder, "_modules", {}).get("inner")  # compile.py's StaticBatchEncoder
-    return inner if isinstance(inner, nn.Module) else encoder
+    inner = getattr(module, "_modules", {}).get("inner")  # StaticBatchEncoder, BucketedMaskDecoder
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def decoder_architecture(decoder: nn.Module) -> Dict[str, Any]:
+    """Shapes of a ``MaskDecoder``'s weights (hashed) and its number of mask outputs."""
+    decoder = _unwrap(decoder)
+    if not hasattr(decoder, "predict_masks") or not hasattr(decoder, "num_mask_tokens"):
+        raise TypeError(f"expected a SAM MaskDecoder, got {type(decoder).__name__}.")
+    shapes = sorted((k, list(v.shape)) for k, v in decoder.state_dict().items())
+    return {
+        "num_mask_tokens": int(decoder.num_mask_tokens),
+        "transformer_dim": int(decoder.transformer_dim),
+        "state_shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
+    }
+
+
+class _DecoderCore(nn.Module):
+    """Exported part of the mask decoder: every mask token's mask and IoU (no slicing)."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, image_embeddings, image_pe, sparse, dense):
+        return self.decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
 
 
 def encoder_architecture(encoder: nn.Module) -> Dict[str, Any]:
     """Architecture of an ``ImageEncoderViT`` as plain data (compared when loading)."""
-    encoder = _unwrap_encoder(encoder)
+    encoder = _unwrap(encoder)
     try:
         blocks = list(encoder.blocks)
         proj = encoder.patch_embed.proj
@@ -156,7 +188,7 @@ def weights_fingerprint(module: nn.Module, dtype: torch.dtype) -> Optional[str]:
     Tells checkpoints apart cheaply (no full pass over the weights). None when the weights
     cannot be sampled (e.g. quantized tensor subclasses).
     """
-    module = _unwrap_encoder(module)
+    module = _unwrap(module)
     h = hashlib.sha256()
     samples = []
     try:
@@ -216,6 +248,9 @@ def export_image_encoder(
     device: Union[str, torch.device] = "cuda",
     max_autotune: bool = True,
     inductor_configs: Optional[Dict[str, Any]] = None,
+    include_mask_decoder: bool = False,
+    max_prompts: int = 1024,
+    max_prompt_tokens: int = 64,
 ) -> Dict[str, Any]:
     """Export + AOT-compile ``sam.image_encoder`` for ``batch_size`` images; write ``path``.
 
@@ -224,14 +259,21 @@ def export_image_encoder(
     ``.pt2`` is written to a temporary file next to ``path`` and renamed into place, so a
     crash never leaves a half-written package. ``max_autotune`` benchmarks GEMM / conv
     kernels while compiling (CUDA; slower export, faster package). ``inductor_configs`` are
-    passed to AOTInductor on top. Returns the metadata stored in the package.
+    passed to AOTInductor on top. ``include_mask_decoder`` also compiles ``sam.mask_decoder``
+    for one image embedding and 1..``max_prompts`` prompts of 1..``max_prompt_tokens`` sparse
+    tokens each (dynamic shapes: one compiled model serves every prompt count). Returns the
+    metadata stored in the package.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    for name, v in (("batch_size", batch_size), ("max_prompts", max_prompts),
+                    ("max_prompt_tokens", max_prompt_tokens)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}.")
+    if max_prompts < 2 or max_prompt_tokens < 2:
+        raise ValueError("max_prompts and max_prompt_tokens must be at least 2 (dynamic dimensions).")
     dtype = parse_dtype(dtype)
     dev = _resolve_device(device)
     target = _atomic_target(path)
-    encoder = _unwrap_encoder(sam.image_encoder)
+    encoder = _unwrap(sam.image_encoder)
     arch = encoder_architecture(encoder)
     if _module_dtype(encoder) != dtype or _module_device(encoder) != dev:
         encoder = copy.deepcopy(encoder).to(device=dev, dtype=dtype)
@@ -263,7 +305,12 @@ def export_image_encoder(
     example = torch.randn(meta["input_shape"], device=dev, dtype=dtype)
     with torch.no_grad():
         ep = torch.export.export(encoder, (example,), strict=False)
-        files = torch._inductor.aot_compile(ep.module(), (example,), options=options)
+        aoti_files = {ENCODER_MODEL: torch._inductor.aot_compile(ep.module(), (example,), options=options)}
+    del ep, example
+    if include_mask_decoder:
+        aoti_files[DECODER_MODEL] = _compile_decoder(
+            sam, meta, dtype, dev, max_prompts, max_prompt_tokens, options
+        )
 
     from torch.export.pt2_archive._package import package_pt2
 
@@ -274,7 +321,7 @@ def export_image_encoder(
     try:
         package_pt2(
             tmp,
-            aoti_files={ENCODER_MODEL: files},
+            aoti_files=aoti_files,
             extra_files={METADATA_FILE: json.dumps(meta, indent=1, sort_keys=True)},
         )
         os.replace(tmp, target)
@@ -283,6 +330,38 @@ def export_image_encoder(
             os.unlink(tmp)
         raise
     return meta
+
+
+def _compile_decoder(sam, meta, dtype, dev, max_prompts, max_tokens, options) -> list:
+    decoder = _unwrap(sam.mask_decoder)
+    arch = decoder_architecture(decoder)
+    if _module_dtype(decoder) != dtype or _module_device(decoder) != dev:
+        decoder = copy.deepcopy(decoder).to(device=dev, dtype=dtype)
+    core = _DecoderCore(decoder).eval()
+    c, g = arch["transformer_dim"], meta["encoder_architecture"]["img_size"] // meta[
+        "encoder_architecture"]["patch_size"]
+    n, k = min(3, max_prompts), 2
+    example = (
+        torch.randn(1, c, g, g, device=dev, dtype=dtype),
+        torch.randn(1, c, g, g, device=dev, dtype=dtype),
+        torch.randn(n, k, c, device=dev, dtype=dtype),
+        torch.randn(n, c, g, g, device=dev, dtype=dtype),
+    )
+    prompts = torch.export.Dim("prompts", min=1, max=max_prompts)
+    tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
+    with torch.no_grad():
+        ep = torch.export.export(
+            core, example, dynamic_shapes=({}, {}, {0: prompts, 1: tokens}, {0: prompts}), strict=False
+        )
+        files = torch._inductor.aot_compile(ep.module(), example, options=options)
+    meta["models"]["mask_decoder"] = DECODER_MODEL
+    meta["decoder"] = {
+        "architecture": arch,
+        "weights_fingerprint": weights_fingerprint(decoder, dtype),
+        "max_prompts": max_prompts,
+        "max_prompt_tokens": max_tokens,
+    }
+    return files
 
 
 # ----------------------------------------------------------------------------- load
@@ -327,13 +406,15 @@ def package_mismatches(
     sam: Optional[nn.Module] = None,
     dtype: Optional[Union[str, torch.dtype]] = None,
     batch_size: Optional[int] = None,
+    with_decoder: bool = False,
 ) -> List[str]:
     """Every reason the package described by ``meta`` cannot serve this request (empty: fits).
 
     Checked: torch version, device kind, GPU compute capability (or CPU instruction set), and
     when given: ``dtype``, ``batch_size`` (must not exceed the static batch) and ``sam``'s
-    encoder architecture and weights. A different GPU name of the same architecture is not
-    a mismatch (the kernels run; see :func:`attach_compiled_package`'s warning).
+    encoder architecture and weights (``with_decoder``: the mask decoder's too, and its
+    dtype). A different GPU name of the same architecture is not a mismatch (the kernels
+    run; loading warns).
     """
     here = device_record(device)
     problems = []
@@ -374,6 +455,17 @@ def package_mismatches(
                     "package was exported from different encoder weights than the model's "
                     "(another checkpoint?)"
                 )
+    if sam is not None and with_decoder and meta.get("decoder"):
+        dec = meta["decoder"]
+        ddtype = _module_dtype(_unwrap(sam.mask_decoder))
+        if decoder_architecture(sam.mask_decoder) != dec["architecture"]:
+            problems.append("the model's mask decoder has another architecture than the packaged one")
+        elif ddtype is not None and _dtype_name(ddtype) != meta["dtype"]:
+            problems.append(f"package dtype is {meta['dtype']}, the model's mask decoder is {_dtype_name(ddtype)}")
+        else:
+            fp = weights_fingerprint(sam.mask_decoder, parse_dtype(meta["dtype"]))
+            if fp is not None and dec.get("weights_fingerprint") not in (None, fp):
+                problems.append("package was exported from different mask decoder weights than the model's")
     return problems
 
 
@@ -418,13 +510,89 @@ class AOTImageEncoder(nn.Module):
                 f"input is on {x.device}, the compiled package runs on {self.device}; move the "
                 "model with the package loaded on that device (sam.to() does not move a package)."
             )
-        x = x.to(self.dtype)
+        x = x.to(self.dtype).contiguous()
         if n < self.batch_size:
             x = torch.cat([x, x.new_zeros((self.batch_size - n, 3, s, s))], dim=0)
         out = self.runner(x)
         if isinstance(out, (list, tuple)):
             out = out[0]
         return out[:n] if n < self.batch_size else out
+
+
+class AOTMaskDecoder(_Proxy):
+    """Runs an AOTInductor-compiled mask decoder in place of ``MaskDecoder``.
+
+    The eager decoder stays as ``inner`` (its state-dict keys are unchanged) and runs the
+    calls the package was not compiled for: more than one image embedding, no sparse
+    prompt tokens (mask-only prompts) or more than ``max_prompt_tokens`` of them. More than
+    ``max_prompts`` prompts run through the package in chunks.
+    """
+
+    def __init__(self, inner: nn.Module, runner, meta: Dict[str, Any], device: torch.device):
+        super().__init__(inner, runner)
+        self.dtype = parse_dtype(meta["dtype"])
+        self.max_prompts = int(meta["decoder"]["max_prompts"])
+        self.max_prompt_tokens = int(meta["decoder"]["max_prompt_tokens"])
+        self.device = device
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        args = (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        n, k = sparse_prompt_embeddings.shape[:2]
+        if (
+            image_embeddings.shape[0] != 1
+            or not 1 <= k <= self.max_prompt_tokens
+            or dense_prompt_embeddings.shape[0] != n
+            or any(a.device != self.device for a in args)
+        ):
+            return self.inner(*args, multimask_output)
+        # AOTInductor assumes the exported (contiguous) strides; prompt encoders hand out views.
+        emb, pe, sparse, dense = (a.to(self.dtype).contiguous() for a in args)
+        outs = [
+            self._fn(emb, pe, s, d)
+            for s, d in zip(sparse.split(self.max_prompts), dense.split(self.max_prompts))
+        ]
+        masks = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
+        iou = torch.cat([o[1] for o in outs]) if len(outs) > 1 else outs[0][1]
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sl], iou[:, sl]
+
+
+def _load(path, sam, *, device=None, dtype=None, batch_size=None, with_decoder=False):
+    meta = read_package_metadata(path)
+    if device is None:
+        device = sam.device if sam is not None else ("cuda" if meta["device_type"] == "cuda" else "cpu")
+    dev = _resolve_device(device)
+    if sam is not None and dtype is None:
+        dtype = _module_dtype(_unwrap(sam.image_encoder))
+    with_decoder = with_decoder and "decoder" in meta
+    problems = package_mismatches(
+        meta, device=dev, sam=sam, dtype=dtype, batch_size=batch_size, with_decoder=with_decoder
+    )
+    if problems:
+        raise PackageMismatchError(_mismatch_message(path, meta, problems))
+    if meta["gpu_name"] and dev.type == "cuda" and torch.cuda.get_device_name(dev) != meta["gpu_name"]:
+        warnings.warn(
+            f"package {os.fspath(path)!r} was autotuned on {meta['gpu_name']}, running on "
+            f"{torch.cuda.get_device_name(dev)} (same architecture: it works, speed may differ).",
+            stacklevel=3,
+        )
+    index = dev.index if dev.type == "cuda" and dev.index is not None else -1
+    if with_decoder:
+        from torch.export.pt2_archive._package import load_pt2
+
+        runners = load_pt2(os.fspath(path), device_index=index).aoti_runners
+        encoder = AOTImageEncoder(runners[ENCODER_MODEL], meta, dev, os.fspath(path))
+        decoder = AOTMaskDecoder(_unwrap(sam.mask_decoder), runners[DECODER_MODEL], meta, dev)
+        return encoder, decoder
+    runner = torch._inductor.aoti_load_package(os.fspath(path), device_index=index)
+    return AOTImageEncoder(runner, meta, dev, os.fspath(path)), None
 
 
 def load_image_encoder_package(
@@ -435,30 +603,13 @@ def load_image_encoder_package(
     dtype: Optional[Union[str, torch.dtype]] = None,
     batch_size: Optional[int] = None,
 ) -> AOTImageEncoder:
-    """Load a package as an :class:`AOTImageEncoder` after checking it fits.
+    """Load a package's image encoder as an :class:`AOTImageEncoder` after checking it fits.
 
     ``device`` defaults to ``sam.device`` (else the current GPU for a CUDA package, or the
     CPU). With ``sam`` its encoder architecture, weights and (unless ``dtype`` is given) dtype
     must match. Raises :class:`PackageMismatchError` listing every mismatch.
     """
-    meta = read_package_metadata(path)
-    if device is None:
-        device = sam.device if sam is not None else ("cuda" if meta["device_type"] == "cuda" else "cpu")
-    dev = _resolve_device(device)
-    if sam is not None and dtype is None:
-        dtype = _module_dtype(_unwrap_encoder(sam.image_encoder))
-    problems = package_mismatches(meta, device=dev, sam=sam, dtype=dtype, batch_size=batch_size)
-    if problems:
-        raise PackageMismatchError(_mismatch_message(path, meta, problems))
-    if meta["gpu_name"] and dev.type == "cuda" and torch.cuda.get_device_name(dev) != meta["gpu_name"]:
-        warnings.warn(
-            f"package {os.fspath(path)!r} was autotuned on {meta['gpu_name']}, running on "
-            f"{torch.cuda.get_device_name(dev)} (same architecture: it works, speed may differ).",
-            stacklevel=2,
-        )
-    index = dev.index if dev.type == "cuda" and dev.index is not None else -1
-    runner = torch._inductor.aoti_load_package(os.fspath(path), device_index=index)
-    return AOTImageEncoder(runner, meta, dev, os.fspath(path))
+    return _load(path, sam, device=device, dtype=dtype, batch_size=batch_size)[0]
 
 
 def _mismatch_message(path, meta, problems: List[str]) -> str:
@@ -479,16 +630,17 @@ def attach_compiled_package(
     recompile_on_mismatch: bool = False,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
 ) -> nn.Module:
-    """Make ``sam.image_encoder`` run the package at ``path``; returns ``sam``.
+    """Make ``sam.image_encoder`` (and ``sam.mask_decoder`` if packaged) run the package.
 
-    ``sam`` must be the model the package was exported from (same architecture, weights and
-    encoder dtype, on the package's device). ``batch_size`` is the largest batch you will
-    encode at once (default: the package's). On any mismatch (see :func:`package_mismatches`)
-    a :class:`PackageMismatchError` is raised, unless ``recompile_on_mismatch=True``: then a
-    package is re-exported from ``sam`` itself as it is (its dtype, device, and the larger
-    of the two batch sizes), written to ``<cache_dir>/packages/`` (default
+    Returns ``sam``. ``sam`` must be the model the package was exported from (same
+    architecture, weights and dtype, on the package's device). ``batch_size`` is the largest
+    batch you will encode at once (default: the package's). On any mismatch (see
+    :func:`package_mismatches`) a :class:`PackageMismatchError` is raised and ``sam`` is left
+    unchanged, unless ``recompile_on_mismatch=True``: then a package is re-exported from
+    ``sam`` itself as it is (its dtype, device, the larger of the two batch sizes, the
+    decoder if the given package had one), written to ``<cache_dir>/packages/`` (default
     ``~/.cache/segment_anything_fast``; ``path`` is left untouched), reused from there by
-    later processes, and a warning names it. The eager encoder is replaced (its weights live
+    later processes, and a warning names it. The eager encoder is dropped (its weights live
     in the package), so ``sam.state_dict()`` no longer holds ``image_encoder.*``.
     """
     if not isinstance(recompile_on_mismatch, bool):
@@ -497,44 +649,53 @@ def attach_compiled_package(
         not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
     ):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
-    try:
-        sam.image_encoder = load_image_encoder_package(path, sam, batch_size=batch_size)
+
+    def attach(p, bs):
+        encoder, decoder = _load(p, sam, batch_size=bs, with_decoder=True)
+        sam.image_encoder = encoder
+        if decoder is not None:
+            sam.mask_decoder = decoder
         return sam
+
+    try:
+        return attach(path, batch_size)
     except PackageMismatchError as e:
         if not recompile_on_mismatch:
             raise
         reason = str(e)
     meta = read_package_metadata(path)
-    encoder = _unwrap_encoder(sam.image_encoder)
-    dtype = _module_dtype(encoder) or torch.float32
+    dtype = _module_dtype(_unwrap(sam.image_encoder)) or torch.float32
     bs = max(batch_size or 1, int(meta.get("batch_size", 1)))
-    target = _recompiled_path(sam, dtype, bs, cache_dir)
+    dec = meta.get("decoder")
+    target = _recompiled_path(sam, dtype, bs, dec, cache_dir)
     if os.path.exists(target):
         try:
-            sam.image_encoder = load_image_encoder_package(target, sam, batch_size=bs)
+            attach(target, bs)
             warnings.warn(f"{reason} Using the package recompiled earlier: {target}", stacklevel=2)
             return sam
         except (PackageMismatchError, ValueError):
             pass  # stale entry (e.g. torch upgraded): rebuild it below
     warnings.warn(f"{reason} Recompiling a package for this model into {target} ...", stacklevel=2)
-    export_image_encoder(sam, target, batch_size=bs, dtype=dtype, device=sam.device)
-    sam.image_encoder = load_image_encoder_package(target, sam, batch_size=bs)
-    return sam
+    extra = {}
+    if dec:
+        extra = dict(include_mask_decoder=True, max_prompts=dec["max_prompts"],
+                     max_prompt_tokens=dec["max_prompt_tokens"])
+    export_image_encoder(sam, target, batch_size=bs, dtype=dtype, device=sam.device, **extra)
+    return attach(target, bs)
 
 
-def _recompiled_path(sam, dtype, batch_size, cache_dir) -> str:
+def _recompiled_path(sam, dtype, batch_size, decoder, cache_dir) -> str:
     root = os.path.join(os.path.expanduser(os.fspath(cache_dir or DEFAULT_CACHE_DIR)), "packages")
     os.makedirs(root, exist_ok=True)
     arch = encoder_architecture(sam.image_encoder)
     rec = device_record(sam.device)
-    key = json.dumps(
-        [arch, weights_fingerprint(sam.image_encoder, dtype), _dtype_name(dtype), batch_size, rec],
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return os.path.join(
-        root, f"{model_type_of(arch)}-{_dtype_name(dtype)}-b{batch_size}-{rec['device_type']}-{digest}.pt2"
-    )
+    key = [arch, weights_fingerprint(sam.image_encoder, dtype), _dtype_name(dtype), batch_size, rec]
+    if decoder:
+        key += [decoder["max_prompts"], decoder["max_prompt_tokens"],
+                weights_fingerprint(sam.mask_decoder, dtype)]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"{model_type_of(arch)}-{_dtype_name(dtype)}-b{batch_size}{'-dec' if decoder else ''}"
+    return os.path.join(root, f"{name}-{rec['device_type']}-{digest}.pt2")
 
 
 # ----------------------------------------------------------------------------- caches

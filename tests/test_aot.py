@@ -39,7 +39,8 @@ def exported(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "export_package.py"),
          "--config-json", str(cfg_json), "--checkpoint", str(ckpt), "--batch-size", str(BATCH),
-         "--dtype", "float32", "--device", "cpu", "--output", str(out)],
+         "--dtype", "float32", "--device", "cpu", "--with-mask-decoder", "--max-prompts", "16",
+         "--max-prompt-tokens", "8", "--output", str(out)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -77,6 +78,8 @@ def test_metadata_records_build(exported):
     assert meta["input_shape"] == [BATCH, 3, CFG.image_size, CFG.image_size]
     assert meta["package_version"] == __import__("segment_anything_fast").__version__
     assert "random weights" not in exported["stdout"].lower()
+    assert meta["decoder"]["max_prompts"] == 16 and meta["decoder"]["max_prompt_tokens"] == 8
+    assert "with mask decoder" in exported["stdout"]
 
 
 def test_round_trip_matches_eager(exported):
@@ -96,17 +99,32 @@ def test_predictor_with_attached_package(exported):
     eager = _model(exported)
     sam = aot.attach_compiled_package(_model(exported), exported["path"])
     assert isinstance(sam.image_encoder, aot.AOTImageEncoder)
+    assert isinstance(sam.mask_decoder, aot.AOTMaskDecoder)
+    assert set(sam.mask_decoder.state_dict()) == set(eager.mask_decoder.state_dict())
     img = np.random.default_rng(0).integers(0, 256, (96, 120, 3), dtype=np.uint8)
-    pts, labels = np.array([[30.0, 40.0], [80.0, 50.0]]), np.array([1, 0])
-    results = []
+    rng = np.random.default_rng(1)
+    prompts = [
+        dict(point_coords=np.array([[30.0, 40.0], [80.0, 50.0]]), point_labels=np.array([1, 0])),
+        dict(box=np.array([10.0, 12.0, 90.0, 70.0]), multimask_output=False),
+        dict(mask_input=rng.normal(size=(1, 32, 32)).astype(np.float32)),  # no tokens: eager
+    ]
+    preds = []
     for model in (eager, sam):
         pred = SamPredictor(model)
         pred.set_image(img)
-        results.append(pred.predict(point_coords=pts, point_labels=labels, return_logits=True))
-    (m0, s0, l0), (m1, s1, l1) = results
-    np.testing.assert_allclose(l1, l0, atol=1e-3, rtol=1e-3)
-    np.testing.assert_allclose(s1, s0, atol=1e-4)
-    assert m1.shape == m0.shape == (3, 96, 120)
+        preds.append(pred)
+    for kw in prompts:
+        (m0, s0, l0), (m1, s1, l1) = (p.predict(return_logits=True, **kw) for p in preds)
+        np.testing.assert_allclose(l1, l0, atol=1e-3, rtol=1e-3)
+        np.testing.assert_allclose(s1, s0, atol=1e-4)
+        assert m1.shape == m0.shape
+    # 20 prompts > max_prompts=16: the package runs them in two chunks.
+    coords = torch.as_tensor(rng.uniform(0, 120, (20, 1, 2)), dtype=torch.float32)
+    labels = torch.ones(20, 1, dtype=torch.int)
+    (m0, s0, l0), (m1, s1, l1) = (p.predict_torch(coords, labels, return_logits=True) for p in preds)
+    assert m1.shape == m0.shape == (20, 3, 96, 120)
+    torch.testing.assert_close(l1, l0, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(s1, s0, atol=1e-4, rtol=1e-4)
 
 
 def test_batch_larger_than_static_size(exported):
@@ -129,6 +147,11 @@ def test_dtype_weights_and_architecture_mismatch(exported):
     other.load_state_dict(random_state_dict(other, seed=7))
     with pytest.raises(aot.PackageMismatchError, match="different encoder weights"):
         aot.attach_compiled_package(other, exported["path"])
+    dec = _model(exported)
+    dec.mask_decoder.load_state_dict(random_state_dict(dec.mask_decoder, seed=3))
+    with pytest.raises(aot.PackageMismatchError, match="different mask decoder weights"):
+        aot.attach_compiled_package(dec, exported["path"])
+    assert isinstance(aot.load_image_encoder_package(exported["path"], dec), aot.AOTImageEncoder)
     with pytest.raises(aot.PackageMismatchError, match="holds a custom encoder.*architecture"):
         aot.attach_compiled_package(build_sam(TINY), exported["path"])
     with pytest.raises(aot.PackageMismatchError, match="package dtype"):
@@ -159,15 +182,16 @@ def test_recompile_on_mismatch(exported, tmp_path, monkeypatch):
     old = _rewrite_metadata(exported["path"], tmp_path / "old.pt2", torch_version="2.3.0")
     calls = []
 
-    def fake_export(model, path, *, batch_size, dtype, device):
-        calls.append((batch_size, dtype, torch.device(device).type))
+    def fake_export(model, path, *, batch_size, dtype, device, **decoder):
+        calls.append((batch_size, dtype, torch.device(device).type, decoder))
         shutil.copy(exported["path"], path)  # what a real re-export here would produce
 
     monkeypatch.setattr(aot, "export_image_encoder", fake_export)
     cache = tmp_path / "cache"
     with pytest.warns(UserWarning, match="torch 2.3.0.*Recompiling a package"):
         aot.attach_compiled_package(sam, old, recompile_on_mismatch=True, cache_dir=cache)
-    assert calls == [(BATCH, torch.float32, "cpu")]
+    assert calls == [(BATCH, torch.float32, "cpu", dict(
+        include_mask_decoder=True, max_prompts=16, max_prompt_tokens=8))]
     assert isinstance(sam.image_encoder, aot.AOTImageEncoder)
     assert os.path.dirname(sam.image_encoder.path) == str(cache / "packages")
     # A later process finds the recompiled package instead of compiling again.

@@ -34,19 +34,14 @@ def child(args):
     import numpy as np
     import torch
 
-    from segment_anything_fast.aot import attach_compiled_package, enable_persistent_caches
+    from segment_anything_fast.aot import build_sam_from_package, enable_persistent_caches
     from segment_anything_fast.predictor import SamPredictor
 
     t_import = time.perf_counter()
     dtype = getattr(torch, args.dtype)
     if args.child == "package":
-        from segment_anything_fast.build_sam import build_sam
-        from segment_anything_fast.compile import cast_model
-
-        sam = build_sam(args.model_type, args.checkpoint, attention=args.attention)
-        cast_model(sam, dtype).to(args.device).eval()
+        sam = build_sam_from_package(args.package, args.checkpoint, batch_size=args.batch_size)
         t_build = time.perf_counter()
-        attach_compiled_package(sam, args.package, batch_size=args.batch_size)
     else:
         enable_persistent_caches(args.cache_dir)
         from segment_anything_fast.build_sam_fast import build_sam_fast
@@ -55,7 +50,7 @@ def child(args):
                              batch_size=args.batch_size, device=args.device,
                              decoder_compile_mode=None)
         t_build = time.perf_counter()
-    t_ready = time.perf_counter()
+    t_ready = t_build  # the compile children compile during the first mask
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)
     pred = SamPredictor(sam)
@@ -76,7 +71,7 @@ def child(args):
         sync()
         per_batch = (time.perf_counter() - s) / args.iters
     print("RESULT " + json.dumps({
-        "import_s": t_import - t0, "build_s": t_build - t_import, "attach_or_compile_s": t_ready - t_build,
+        "import_s": t_import - t0, "build_and_attach_s": t_build - t_import,
         "first_mask_s": t_mask - t_ready, "in_process_total_s": t_mask - t0,
         "mask_area": int(masks[0].sum()), "encoder_ms_per_batch": per_batch * 1e3,
         "encoder_img_per_s": args.batch_size / per_batch, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

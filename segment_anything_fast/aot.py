@@ -684,6 +684,40 @@ def attach_compiled_package(
     return attach(target, bs)
 
 
+def build_sam_from_package(
+    path: Union[str, os.PathLike],
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    *,
+    batch_size: Optional[int] = None,
+    recompile_on_mismatch: bool = False,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+) -> nn.Module:
+    """Build the official model a package was exported for and attach the package.
+
+    Reads the model type, dtype, device kind and attention backend from the package, builds
+    ``build_sam(model_type, checkpoint)`` (``checkpoint`` must be the one the package was
+    exported from; it also provides the prompt encoder), casts it, moves it to the device
+    (the current GPU for a CUDA package) and calls :func:`attach_compiled_package`.
+    """
+    from .build_sam import build_sam
+    from .compile import cast_model
+
+    meta = read_package_metadata(path)
+    if meta["model_type"] not in ("vit_h", "vit_l", "vit_b"):
+        raise ValueError(
+            f"package {os.fspath(path)!r} holds a custom architecture; build that model with "
+            "build_sam(SamConfig(...), checkpoint) and call attach_compiled_package(sam, path)."
+        )
+    attention = meta["attention"][0] if len(meta.get("attention") or []) == 1 else "math"
+    sam = build_sam(meta["model_type"], checkpoint, attention=attention)
+    cast_model(sam, parse_dtype(meta["dtype"]))
+    sam.to(_resolve_device(meta["device_type"])).eval()
+    return attach_compiled_package(
+        sam, path, batch_size=batch_size, recompile_on_mismatch=recompile_on_mismatch,
+        cache_dir=cache_dir,
+    )
+
+
 def _recompiled_path(sam, dtype, batch_size, decoder, cache_dir) -> str:
     root = os.path.join(os.path.expanduser(os.fspath(cache_dir or DEFAULT_CACHE_DIR)), "packages")
     os.makedirs(root, exist_ok=True)

@@ -203,6 +203,11 @@ def test_recompile_on_mismatch(exported, tmp_path, monkeypatch):
         aot.attach_compiled_package(sam2, old, recompile_on_mismatch="yes")
 
 
+def test_build_from_package_needs_official_type(exported):
+    with pytest.raises(ValueError, match="custom architecture.*attach_compiled_package"):
+        aot.build_sam_from_package(exported["path"], exported["ckpt"])
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="export_package.py"):
         aot.read_package_metadata(tmp_path / "missing.pt2")
@@ -233,27 +238,3 @@ def test_cli_errors(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "must end in .pt2" in proc.stderr
-
-
-def test_enable_persistent_caches(tmp_path, monkeypatch):
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        monkeypatch.delenv(var, raising=False)  # restored after the test
-    for name in ("fx_graph_cache", "autotune_local_cache", "bundle_triton_into_fx_graph_cache"):
-        monkeypatch.setattr(inductor_config, name, False)
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
-    paths = aot.enable_persistent_caches(tmp_path / "c")
-    assert paths["inductor"] == str(tmp_path / "c" / "inductor") and os.path.isdir(paths["triton"])
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == paths["inductor"]
-    assert os.environ["TRITON_CACHE_DIR"] == paths["triton"]
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    assert cache_dir() == paths["inductor"]
-    assert inductor_config.fx_graph_cache and inductor_config.autotune_local_cache
-    assert inductor_config.bundle_triton_into_fx_graph_cache and functorch_config.enable_autograd_cache
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(RuntimeError, match="cannot create cache directory"):
-        aot.enable_persistent_caches(blocker)

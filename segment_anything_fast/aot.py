@@ -196,8 +196,9 @@ def weights_fingerprint(module: nn.Module, dtype: torch.dtype) -> Optional[str]:
             h.update(f"{name}{list(t.shape)}".encode())
             if t.is_floating_point() and t.numel():
                 flat = t.detach().reshape(-1)
-                idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device)
-                samples.append(flat[idx.long()].to(dtype).float())
+                m = min(64, flat.numel())
+                idx = torch.arange(m) * (flat.numel() - 1) // max(m - 1, 1)  # exact on any device
+                samples.append(flat[idx.to(flat.device)].to(dtype).float())
         if samples:
             h.update(torch.cat(samples).cpu().numpy().tobytes())
     except (RuntimeError, TypeError, NotImplementedError):

@@ -93,6 +93,9 @@ def test_round_trip_matches_eager(exported):
             out = enc(x[:n])
             assert out.shape == ref[:n].shape
             torch.testing.assert_close(out, ref[:n], atol=2e-4, rtol=2e-4)
+        first = enc(x)
+        enc(torch.zeros_like(x))  # outputs are not overwritten by the next call
+        torch.testing.assert_close(first, ref, atol=2e-4, rtol=2e-4)
 
 
 def test_predictor_with_attached_package(exported):

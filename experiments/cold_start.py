@@ -72,7 +72,12 @@ def child(args):
             sam.image_encoder(x)
         sync()
         per_batch = (time.perf_counter() - s) / args.iters
+    from torch._dynamo.utils import counters
+
+    cache_counts = {f"{group}.{k}": v for group in ("inductor", "aot_autograd")
+                    for k, v in counters[group].items() if "cache" in k}
     print("RESULT " + json.dumps({
+        "cache_counters": cache_counts,  # compile children: warm runs should show hits, no bypass
         "import_s": t_import - t0, "build_and_attach_s": t_build - t_import,
         "first_mask_s": t_mask - t_ready, "in_process_total_s": t_mask - t0,
         "spawn_to_first_mask_s": from_spawn,

@@ -104,9 +104,10 @@ def test_wrappers_keep_state_dict_keys():
 def test_build_sam_fast_cpu_bf16_matches_original():
     _, orig = build_pair()
     sam = build_sam_fast(
-        TINY, dtype=torch.bfloat16, attention="flex", compile_mode=None,
-        decoder_compile_mode=None, device="cpu",
+        TINY, dtype=torch.bfloat16, compile_mode=None, decoder_compile_mode=None, device="cpu"
     )
+    assert {b.attn.backend for b in sam.image_encoder.blocks} == {"flex"}  # auto on the CPU
+    assert not sam.training
     sam.load_state_dict(orig.state_dict())
     x = _images(2, seed=4)
     with torch.no_grad():

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import segment_anything_fast  # noqa: E402
+from segment_anything_fast.validation import check_output_path, explain_os_error  # noqa: E402
 
 SAMPLE_IMAGE = os.path.join(os.path.dirname(segment_anything_fast.__file__), "assets", "sample.png")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pbm",
@@ -209,16 +210,22 @@ def _write_png(path: str, image: np.ndarray) -> None:
 def write_masks_folder(masks: List[dict], final_dir: str) -> None:
     """The original format (0.png, 1.png, ..., metadata.csv), written to a temp folder + rename."""
     tmp = _tmp_name(final_dir)
-    os.makedirs(tmp)
-    rows = [METADATA_HEADER]
-    for i, m in enumerate(masks):
-        _write_png(os.path.join(tmp, f"{i}.png"), m["segmentation"].astype(np.uint8) * 255)
-        meta = [str(i), str(m["area"]), *[str(x) for x in m["bbox"]],
-                *[str(x) for x in m["point_coords"][0]], str(m["predicted_iou"]),
-                str(m["stability_score"]), *[str(x) for x in m["crop_box"]]]
-        rows.append(",".join(meta))
-    with open(os.path.join(tmp, "metadata.csv"), "w") as f:
-        f.write("\n".join(rows))
+    try:
+        os.makedirs(tmp)
+        rows = [METADATA_HEADER]
+        for i, m in enumerate(masks):
+            _write_png(os.path.join(tmp, f"{i}.png"), m["segmentation"].astype(np.uint8) * 255)
+            meta = [str(i), str(m["area"]), *[str(x) for x in m["bbox"]],
+                    *[str(x) for x in m["point_coords"][0]], str(m["predicted_iou"]),
+                    str(m["stability_score"]), *[str(x) for x in m["crop_box"]]]
+            rows.append(",".join(meta))
+        with open(os.path.join(tmp, "metadata.csv"), "w") as f:
+            f.write("\n".join(rows))
+    except BaseException as e:  # e.g. disk full: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise explain_os_error(e, final_dir) from e
+        raise
     old = None
     if os.path.exists(final_dir):
         old = _tmp_name(final_dir, ".old")
@@ -230,11 +237,18 @@ def write_masks_folder(masks: List[dict], final_dir: str) -> None:
 
 def write_file_atomic(final: str, data: bytes) -> None:
     tmp = _tmp_name(final, os.path.splitext(final)[1])
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException as e:  # e.g. disk full: leave no half-written file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise explain_os_error(e, final) from e
+        raise
 
 
 def overlay_image(image: np.ndarray, masks: List[np.ndarray], alpha: float = 0.5) -> np.ndarray:
@@ -398,7 +412,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    os.makedirs(args.output, exist_ok=True)
+    try:
+        check_output_path(args.output, "--output")
+        os.makedirs(args.output, exist_ok=True)
+    except (ValueError, OSError) as e:
+        print(f"error: {explain_os_error(e, args.output) if isinstance(e, OSError) else e}",
+              file=sys.stderr)
+        return 2
     clean_stale_temps(args.output)
     failures: List[Tuple[str, str]] = []
     t0 = time.perf_counter()

@@ -9,7 +9,9 @@ Finite point coordinates and boxes outside the image are accepted, as in the ori
 x1 < x0 or y1 < y0, and labels other than 0/1 (or -1 = padding in ``predict_torch``) are
 rejected.
 """
+import errno
 import numbers
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -18,6 +20,10 @@ import torch
 IMAGE_FORMATS = ("RGB", "BGR")
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 MAX_PIXELS = 2**31 - 1  # torch kernels index masks with int32 in places
+# AMG bounds that keep memory and run time finite: a 1024x1024 point grid is already 1M
+# decoder calls per crop, and crop layer i has 4**i crops (layer 6: 4096 encoder runs).
+MAX_POINTS_PER_SIDE = 1024
+MAX_CROP_N_LAYERS = 6
 
 
 def _kind(x) -> str:
@@ -136,6 +142,8 @@ def check_size(size, name: str = "size") -> Tuple[int, int]:
 
 def _as_float_array(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
+        if x.is_meta:
+            raise ValueError(f"{name} is a tensor on the meta device (no data); pass real values.")
         x = x.detach().cpu().numpy()
     try:
         arr = np.asarray(x, dtype=np.float64)
@@ -323,12 +331,22 @@ def check_amg_params(
             f"got points_per_side={points_per_side!r} and point_grids={'None' if point_grids is None else 'a list'}."
         )
     _check_number(points_per_side, "points_per_side", lo=1, integer=True, allow_none=True)
+    if points_per_side is not None and points_per_side > MAX_POINTS_PER_SIDE:
+        raise ValueError(
+            f"points_per_side must be <= {MAX_POINTS_PER_SIDE}, got {points_per_side} ({points_per_side}**2 "
+            "points per crop would exhaust memory); the original default is 32."
+        )
     _check_number(points_per_batch, "points_per_batch", lo=1, integer=True)
     _check_number(pred_iou_thresh, "pred_iou_thresh", lo=0.0, hi=1.0)
     _check_number(stability_score_thresh, "stability_score_thresh", lo=0.0, hi=1.0)
     _check_number(stability_score_offset, "stability_score_offset", lo=0.0, lo_open=True)
     _check_number(box_nms_thresh, "box_nms_thresh", lo=0.0, hi=1.0)
     _check_number(crop_n_layers, "crop_n_layers", lo=0, integer=True)
+    if crop_n_layers > MAX_CROP_N_LAYERS:
+        raise ValueError(
+            f"crop_n_layers must be <= {MAX_CROP_N_LAYERS}, got {crop_n_layers} (layer i runs the encoder on "
+            "4**i crops); use 0-2, or crop the image yourself."
+        )
     _check_number(crop_nms_thresh, "crop_nms_thresh", lo=0.0, hi=1.0)
     _check_number(crop_overlap_ratio, "crop_overlap_ratio", lo=0.0, hi=1.0)
     if crop_overlap_ratio >= 1.0:
@@ -365,3 +383,39 @@ def check_amg_params(
             )
         grids.append(arr)
     return grids
+
+
+def check_output_path(path, flag: str = "--output", directory: bool = True) -> str:
+    """An output folder (or file) that can be created: no part of it is a file, the deepest
+    existing folder is writable. Creates nothing; returns the absolute path."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"{flag} must be a path, got {path!r}.")
+    full = os.path.abspath(os.fspath(path))
+    if os.path.exists(full):
+        if directory and not os.path.isdir(full):
+            raise ValueError(f"{flag} {path!r} is an existing file, not a folder; choose a folder path.")
+        if not directory and os.path.isdir(full):
+            raise ValueError(f"{flag} {path!r} is a folder; give a file path, e.g. {os.path.join(path, 'results.csv')!r}.")
+    parent = full if os.path.isdir(full) else os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(
+            f"{flag} {path!r} cannot be created: {parent!r} is a file, not a folder; choose another location."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path!r} is not writable: no write permission in {parent!r}; choose another location.")
+    return full
+
+
+def explain_os_error(err: OSError, path: str) -> OSError:
+    """``err`` with a message saying what to do when the disk is full or the path not writable."""
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        hint = "the disk is full (or the quota is used up): free some space or write to another disk"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "no permission to write there: choose another output location"
+    else:
+        return err
+    out = type(err)(err.errno, f"cannot write {path!r}: {hint} ({err.strerror or err})")
+    out.__cause__ = err
+    return out

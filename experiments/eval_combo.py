@@ -7,9 +7,14 @@ predicted IoU is compared with the ground truth. mIoU is the mean over annotatio
 one row per run to --output (CSV). Works on real COCO (--coco-root datasets/coco) and on
 the generated dataset of scripts/make_synthetic_coco.py.
 
+Under torchrun each rank (one per GPU, cuda:LOCAL_RANK) evaluates a disjoint shard of the
+images; rank 0 gathers the per-annotation IoUs (same mIoU as one process), counts and timings
+and writes the row. A rank that fails stops every rank with a message naming it and the image.
+
 Example:
   python scripts/make_synthetic_coco.py --output datasets/synth --num-images 64
   python experiments/eval_combo.py --coco-root datasets/synth --model-type vit_b --limit 64
+  torchrun --nproc-per-node 2 experiments/eval_combo.py --coco-root datasets/synth
 """
 import argparse
 import csv
@@ -20,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -32,15 +37,11 @@ from segment_anything_fast.data.coco_prompts import (  # noqa: E402
     CenterPointCache, CocoPointPromptDataset, collate_list, load_coco, mask_iou,
     select_annotations,
 )
-
-MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "default", "tiny")
-# The test-sized model (tests/oracle.py TINY): 128 px input, 32-wide encoder.
-TINY_CONFIG = dict(
-    encoder_embed_dim=32, encoder_depth=4, encoder_num_heads=2, encoder_global_attn_indexes=(1, 3),
-    image_size=128, patch_size=16, window_size=3, prompt_embed_dim=32, mask_in_chans=16,
-    decoder_depth=2, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_depth=3,
-    iou_head_hidden_dim=32,
+from segment_anything_fast.distributed import (  # noqa: E402
+    DEFAULT_TIMEOUT_S, DistContext, RankFailedError, init_distributed, shard, shard_size,
 )
+
+MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "default", "tiny")  # tiny: SAM_CONFIGS["tiny"]
 COMPILE_MODES = ("none", "default", "max-autotune")
 PROMPT_BATCHING = ("nested", "padded", "none")
 CSV_FIELDS = (
@@ -48,7 +49,7 @@ CSV_FIELDS = (
     "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
     "n_annotations", "n_skipped_images", "warmup_batches", "timed_images", "miou",
     "img_per_s_model", "img_per_s_end_to_end", "peak_gpu_memory_mib", "gpu_name",
-    "torch_version", "git_commit", "annotations",
+    "torch_version", "git_commit", "annotations", "world_size", "per_rank_img_per_s",
 )
 
 
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--compile); mIoU always covers every image")
     o.add_argument("--output", default="results.csv",
                    help="CSV file to append one row to (created with a header; default results.csv)")
+    o.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="under torchrun: seconds a rank waits for the others at a sync point "
+                        "(once per batch) before the run fails; must cover the slowest batch, "
+                        f"compilation included (default {DEFAULT_TIMEOUT_S:.0f})")
     return p
 
 
@@ -161,6 +166,8 @@ def validate_args(args, parser) -> None:
         parser.error(f"--warmup-batches must be >= 0, got {args.warmup_batches}")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
+    if not args.dist_timeout > 0:
+        parser.error(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
 
 
 def model_config(args):
@@ -177,17 +184,15 @@ def model_config(args):
             return SamConfig(**fields)
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"--config-json is not a valid SamConfig JSON object: {e}") from e
-    if args.model_type == "tiny":
-        return SamConfig(**TINY_CONFIG)
     return args.model_type
 
 
-def build_model(args):
+def build_model(args, verbose: bool = True):
     """Build, move, cast, compress and compile the model as the flags say."""
     from segment_anything_fast.build_sam import build_sam
     from segment_anything_fast.compile import cast_model, compile_image_encoder, compile_mask_decoder
 
-    if args.checkpoint is None:
+    if args.checkpoint is None and verbose:
         print("NOTE: no --checkpoint given: the model has RANDOM weights; the mIoU below is "
               f"meaningless (throughput and memory are still valid). Seed {args.seed}.",
               file=sys.stderr)
@@ -338,8 +343,95 @@ def append_csv(path: str, row: Dict[str, object]) -> None:
         w.writerow(row)
 
 
-def run(args) -> Dict[str, object]:
-    """Evaluate; returns the CSV row (also appended to ``args.output``)."""
+def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total: int) -> dict:
+    """Run this rank's images (``n_total``: over all ranks); returns its IoUs (by image id), counts and timings.
+
+    Under torchrun every rank meets the others once per batch (``ctx.check``): an exception on
+    one rank stops all of them, naming the rank and the batch's images.
+    """
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+        collate_fn=collate_list, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
+    warmup = args.warmup_batches if args.warmup_batches is not None else (
+        3 if args.compile != "none" else 1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    ious: List[Tuple[int, torch.Tensor]] = []
+    skipped: List[str] = []
+    n_images = n_timed = 0
+    model_time = 0.0
+    t_timed_start = None
+    new_points: Dict[int, tuple] = {}
+    n_batches = math.ceil(len(dataset) / args.batch_size)
+    # Shard 0 is the largest: every rank takes part in that many sync points.
+    n_steps = math.ceil(shard_size(n_total, 0, ctx.world_size) / args.batch_size)
+    batches = iter(loader)
+    error = None
+    for b in range(n_steps):
+        if b < n_batches and error is None:
+            names: List[str] = []
+            try:
+                batch = next(batches)
+                names = [os.path.basename(it["file_name"]) for it in batch]
+                if b == warmup:
+                    sync()
+                    t_timed_start = time.perf_counter()
+                for it in batch:
+                    new_points.update(it["new_points"])
+                    if it["error"] is not None:
+                        skipped.append(f"{it['file_name']} ({it['error']})")
+                items = [it for it in batch if it["error"] is None]
+                sync()
+                t0 = time.perf_counter()
+                preds = predict_batch(sam, items, args.prompt_batching, device, dtype)
+                sync()
+                if b >= warmup:
+                    model_time += time.perf_counter() - t0
+                    n_timed += len(items)
+                for it, pred in zip(items, preds):
+                    if pred.shape[0]:
+                        gt = it["gt_masks"].to(device, non_blocking=True)
+                        # stays on the device: no sync per image
+                        ious.append((it["image_id"], mask_iou(pred, gt)))
+                n_images += len(items)
+            except Exception as e:
+                if not ctx.is_distributed:
+                    raise
+                what = f"image(s) {', '.join(names)}" if names else f"loading batch {b + 1}"
+                error = f"failed on {what}: {type(e).__name__}: {e}"
+            if ctx.is_main:
+                print(f"\rbatch {b + 1}/{n_batches}", end="", file=sys.stderr, flush=True)
+        if ctx.is_distributed:
+            ctx.check(error, f"batch {b + 1} of {n_steps}")
+    sync()
+    t_end = time.perf_counter()
+    if ctx.is_main:
+        print("", file=sys.stderr)
+    return {
+        "rank": ctx.rank,
+        "ious": [(i, t.double().cpu().numpy()) for i, t in ious],
+        "skipped": skipped, "n_images": n_images, "n_timed": n_timed, "warmup": warmup,
+        "n_batches": n_batches, "model_time": model_time,
+        "timed_wall": (t_end - t_timed_start) if t_timed_start is not None else 0.0,
+        "new_points": new_points,
+        "peak_mib": (torch.cuda.max_memory_allocated(device) / 2**20
+                     if device.type == "cuda" else None),
+    }
+
+
+def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
+    """Evaluate; returns the CSV row (also appended to ``args.output``).
+
+    With a distributed ``ctx`` each rank evaluates ``shard(image_ids, rank, world_size)``; rank 0
+    gathers everything and returns the row, the other ranks return None.
+    """
+    ctx = ctx or DistContext()
     annotations = args.annotations or os.path.join(
         args.coco_root, "annotations", f"instances_{args.split}.json")
     image_dir = os.path.join(args.coco_root, args.split)
@@ -356,79 +448,63 @@ def run(args) -> Dict[str, object]:
     missing = [coco.loadImgs(i)[0]["file_name"] for i in image_ids
                if not os.path.isfile(os.path.join(image_dir, coco.loadImgs(i)[0]["file_name"]))]
     if missing:
-        print(f"WARNING: {len(missing)} of {len(image_ids)} image files are missing under "
-              f"{image_dir!r} and will be skipped (first: {missing[:3]}).", file=sys.stderr)
+        if ctx.is_main:
+            print(f"WARNING: {len(missing)} of {len(image_ids)} image files are missing under "
+                  f"{image_dir!r} and will be skipped (first: {missing[:3]}).", file=sys.stderr)
         if len(missing) == len(image_ids):
             raise FileNotFoundError(
                 f"None of the {len(image_ids)} images listed in {annotations!r} exist under "
                 f"{image_dir!r}; check --coco-root / --split.")
+    my_ids = shard(image_ids, ctx.rank, ctx.world_size)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    sam = build_model(args)
+    setup_error = None
+    try:
+        sam = build_model(args, verbose=ctx.is_main)
+    except Exception as e:
+        if not ctx.is_distributed:
+            raise
+        setup_error = f"building the model: {type(e).__name__}: {e}"
+    if ctx.is_distributed:
+        ctx.check(setup_error, "model setup")
     image_size = sam.image_encoder.img_size if hasattr(sam.image_encoder, "img_size") else (
         sam.prompt_encoder.input_image_size[0])
     cache_dir = None if args.cache_dir == "none" else os.path.expanduser(args.cache_dir)
     cache = CenterPointCache(cache_dir, annotations)
-    dataset = CocoPointPromptDataset(coco, image_dir, image_ids, anns, image_size, cache.points)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-        collate_fn=collate_list, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
-    warmup = args.warmup_batches if args.warmup_batches is not None else (
-        3 if args.compile != "none" else 1)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    dataset = CocoPointPromptDataset(coco, image_dir, my_ids, anns, image_size, cache.points)
+    part = _evaluate_shard(args, ctx, sam, dataset, device, dtype, len(image_ids))
+    parts = ctx.gather_object(part)
+    if not ctx.is_main:
+        return None
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    ious: List[torch.Tensor] = []
-    skipped: List[str] = []
-    n_images = n_timed = 0
-    model_time = 0.0
-    t_timed_start = None
-    new_points: Dict[int, tuple] = {}
-    n_batches = math.ceil(len(dataset) / args.batch_size)
-    for b, batch in enumerate(loader):
-        if b == warmup:
-            sync()
-            t_timed_start = time.perf_counter()
-        for it in batch:
-            new_points.update(it["new_points"])
-            if it["error"] is not None:
-                skipped.append(f"{it['file_name']} ({it['error']})")
-        items = [it for it in batch if it["error"] is None]
-        sync()
-        t0 = time.perf_counter()
-        preds = predict_batch(sam, items, args.prompt_batching, device, dtype)
-        sync()
-        if b >= warmup:
-            model_time += time.perf_counter() - t0
-            n_timed += len(items)
-        for it, pred in zip(items, preds):
-            if pred.shape[0]:
-                gt = it["gt_masks"].to(device, non_blocking=True)
-                ious.append(mask_iou(pred, gt))  # stays on the device: no sync per image
-        n_images += len(items)
-        print(f"\rbatch {b + 1}/{n_batches}", end="", file=sys.stderr, flush=True)
-    sync()
-    t_end = time.perf_counter()
-    print("", file=sys.stderr)
+    new_points = {k: v for p in parts for k, v in p["new_points"].items()}
     if new_points:
         cache.update(new_points)
         cache.save()
+    skipped = [(p["rank"], s) for p in parts for s in p["skipped"]]
     if skipped:
-        print(f"WARNING: skipped {len(skipped)} image(s): " + "; ".join(skipped[:10]),
-              file=sys.stderr)
-    if not ious:
+        tag = (lambda r: f"[rank {r}] ") if ctx.is_distributed else (lambda r: "")
+        print(f"WARNING: skipped {len(skipped)} image(s): "
+              + "; ".join(tag(r) + s for r, s in skipped[:10]), file=sys.stderr)
+    # Per-image IoUs in image-id order: the same tensor, hence the same mean, as one process.
+    per_image = sorted((x for p in parts for x in p["ious"]), key=lambda x: x[0])
+    if not per_image:
         raise RuntimeError("No image could be evaluated (all were skipped); see the warnings above.")
-    all_ious = torch.cat(ious).double().cpu()
+    all_ious = torch.cat([torch.from_numpy(v) for _, v in per_image])
+    n_images = sum(p["n_images"] for p in parts)
+    n_timed = sum(p["n_timed"] for p in parts)
+    warmup = parts[0]["warmup"]
+    model_time = max(p["model_time"] for p in parts)
+    wall = max(p["timed_wall"] for p in parts)
     if n_timed == 0:
-        print(f"WARNING: all {n_batches} batches were warm-up batches (--warmup-batches "
-              f"{warmup}); no throughput measured. Use more images or fewer warm-up batches.",
-              file=sys.stderr)
+        print(f"WARNING: all {parts[0]['n_batches']} batches were warm-up batches "
+              f"(--warmup-batches {warmup}); no throughput measured. Use more images or fewer "
+              "warm-up batches.", file=sys.stderr)
+    per_rank = ";".join(
+        f"{p['n_timed'] / p['timed_wall']:.4f}" if p["n_timed"] and p["timed_wall"] > 0 else "-"
+        for p in parts)
+    peaks = [p["peak_mib"] for p in parts if p["peak_mib"] is not None]
     row = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_type": "custom" if args.config_json else args.model_type,
@@ -440,13 +516,14 @@ def run(args) -> Dict[str, object]:
         "n_images": n_images, "n_annotations": int(all_ious.numel()),
         "n_skipped_images": len(skipped), "warmup_batches": warmup, "timed_images": n_timed,
         "miou": round(float(all_ious.mean()), 6),
+        # Aggregate over ranks: all timed images / the slowest rank's time.
         "img_per_s_model": round(n_timed / model_time, 4) if n_timed else "",
-        "img_per_s_end_to_end": round(n_timed / (t_end - t_timed_start), 4) if n_timed else "",
-        "peak_gpu_memory_mib": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-                                if device.type == "cuda" else ""),
+        "img_per_s_end_to_end": round(n_timed / wall, 4) if n_timed else "",
+        "peak_gpu_memory_mib": round(max(peaks), 1) if peaks else "",
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_version": torch.__version__, "git_commit": git_commit(),
         "annotations": os.path.abspath(annotations),
+        "world_size": ctx.world_size, "per_rank_img_per_s": per_rank,
     }
     append_csv(args.output, row)
     return row
@@ -457,16 +534,37 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     validate_args(args, parser)
     try:
-        row = run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        ctx = init_distributed("cuda" if args.device.startswith("cuda") else "cpu",
+                               args.dist_timeout)
+    except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    with ctx:
+        try:
+            args.device = str(ctx.resolve_device(args.device))
+            row = run(args, ctx)
+        except RankFailedError as e:
+            if ctx.is_main or any(r == ctx.rank for r, _, _ in e.failures):
+                print(f"error: {e}", file=sys.stderr)
+            else:
+                print(f"error: rank {ctx.rank} stopped: another rank failed (see rank 0's log).",
+                      file=sys.stderr)
+            return 2
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            tag = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.is_distributed else ""
+            print(f"error{tag}: {e}", file=sys.stderr)
+            return 2
+    if row is None:
+        return 0
+    ranks = f" on {ctx.world_size} ranks" if ctx.world_size > 1 else ""
     print(f"mIoU {row['miou']:.4f} over {row['n_annotations']} annotations in {row['n_images']} "
-          f"images ({row['n_skipped_images']} skipped)")
+          f"images ({row['n_skipped_images']} skipped){ranks}")
     if row["timed_images"]:
         print(f"throughput: {row['img_per_s_model']} img/s model, {row['img_per_s_end_to_end']} "
               f"img/s end to end ({row['timed_images']} images after {row['warmup_batches']} "
               "warm-up batch(es))")
+        if ctx.world_size > 1:
+            print(f"per rank (end to end img/s): {row['per_rank_img_per_s']}")
     if row["peak_gpu_memory_mib"] != "":
         print(f"peak GPU memory: {row['peak_gpu_memory_mib']} MiB on {row['gpu_name']}")
     print(f"appended a row to {args.output}")

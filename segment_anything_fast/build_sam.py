@@ -81,7 +81,16 @@ SAM_CONFIGS: Dict[str, SamConfig] = {
     "vit_h": SamConfig(1280, 32, 16, (7, 15, 23, 31)),
     "vit_l": SamConfig(1024, 24, 16, (5, 11, 17, 23)),
     "vit_b": SamConfig(768, 12, 12, (2, 5, 8, 11)),
+    # Test-sized model: 128 px input -> 8x8 tokens; window 3 does not divide 8, so windowed
+    # layers pad. Not an official checkpoint (absent from sam_model_registry).
+    "tiny": SamConfig(
+        encoder_embed_dim=32, encoder_depth=4, encoder_num_heads=2,
+        encoder_global_attn_indexes=(1, 3), image_size=128, patch_size=16, window_size=3,
+        prompt_embed_dim=32, mask_in_chans=16, decoder_depth=2, decoder_mlp_dim=64,
+        decoder_num_heads=2, iou_head_depth=3, iou_head_hidden_dim=32,
+    ),
 }
+OFFICIAL_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -122,7 +131,8 @@ def build_sam(
     """Build a SAM model in eval mode.
 
     Args:
-        config: "vit_h" / "vit_l" / "vit_b" / "default" or a :class:`SamConfig` (small models).
+        config: "vit_h" / "vit_l" / "vit_b" / "default", "tiny" (test-sized) or a
+            :class:`SamConfig` (small models).
             For compatibility with the original ``build_sam(checkpoint)``, a checkpoint path
             given here (with ``checkpoint`` unset) builds vit_h from that file.
         checkpoint: optional path to a state-dict file (official SAM checkpoints load as is).
@@ -305,7 +315,8 @@ def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
         if m
     }
     depth = len(blocks)
-    for name, cfg in SAM_CONFIGS.items():
+    for name in OFFICIAL_MODEL_TYPES:
+        cfg = SAM_CONFIGS[name]
         if cfg.encoder_embed_dim == width and cfg.encoder_depth == depth:
             return name
     return f"custom (embed dim {width}, {depth} blocks)"
@@ -353,7 +364,7 @@ def check_state_dict(
     if detected != model_type:
         hint = (
             f" Build it with sam_model_registry[{detected!r}](checkpoint=...)."
-            if detected in SAM_CONFIGS
+            if detected in OFFICIAL_MODEL_TYPES
             else " Build it with a matching SamConfig."
         )
         parts.append(

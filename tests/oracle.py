@@ -7,25 +7,10 @@ from functools import partial
 
 import torch
 
-from segment_anything_fast.build_sam import SamConfig, build_sam
+from segment_anything_fast.build_sam import SAM_CONFIGS, SamConfig, build_sam
 
-# 128 px images -> 8x8 tokens; window 3 does not divide 8, so windowed layers pad.
-TINY = SamConfig(
-    encoder_embed_dim=32,
-    encoder_depth=4,
-    encoder_num_heads=2,
-    encoder_global_attn_indexes=(1, 3),
-    image_size=128,
-    patch_size=16,
-    window_size=3,
-    prompt_embed_dim=32,
-    mask_in_chans=16,
-    decoder_depth=2,
-    decoder_mlp_dim=64,
-    decoder_num_heads=2,
-    iou_head_depth=3,
-    iou_head_hidden_dim=32,
-)
+# The test-sized model (128 px input, 32-wide encoder), shared with the CLIs' --model-type tiny.
+TINY = SAM_CONFIGS["tiny"]
 
 
 def build_original(cfg: SamConfig = TINY):

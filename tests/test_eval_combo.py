@@ -214,18 +214,21 @@ def test_help_documents_every_flag(capsys):
 
 
 def test_checkpoint_and_config_json(synth, tmp_path, capsys):
-    from segment_anything_fast.build_sam import SamConfig, build_sam
+    import dataclasses
+
+    from segment_anything_fast.build_sam import SAM_CONFIGS, build_sam
 
     torch.manual_seed(123)
     ckpt = tmp_path / "tiny.pth"
-    torch.save(build_sam(SamConfig(**ec.TINY_CONFIG)).state_dict(), ckpt)
+    torch.save(build_sam("tiny").state_dict(), ckpt)
     common = ["--limit", "2", "--checkpoint", str(ckpt), "--warmup-batches", "0"]
     assert ec.main(_args(synth, tmp_path, *common, "--seed", "1")) == 0
     assert ec.main(_args(synth, tmp_path, *common, "--seed", "2")) == 0
     assert "RANDOM" not in capsys.readouterr().err
     rows = _rows(tmp_path / "r.csv")
     assert rows[0]["checkpoint"] == str(ckpt) and rows[0]["miou"] == rows[1]["miou"]
-    cfg = dict(ec.TINY_CONFIG, encoder_depth=2, encoder_global_attn_indexes=[1])
+    cfg = dict(dataclasses.asdict(SAM_CONFIGS["tiny"]), encoder_depth=2,
+               encoder_global_attn_indexes=[1])
     assert ec.main(_args(synth, tmp_path, "--limit", "1", "--config-json", json.dumps(cfg))) == 0
     assert _rows(tmp_path / "r.csv")[-1]["model_type"] == "custom"
     assert ec.main(_args(synth, tmp_path, "--config-json", '{"encoder_embed_dim": "wide"')) == 2

@@ -233,7 +233,7 @@ def make_fast(
     sam: nn.Module,
     *,
     dtype: Optional[torch.dtype] = torch.bfloat16,
-    attention: Optional[str] = "flex",
+    attention: Optional[str] = None,
     compile_mode: Optional[str] = "max-autotune",
     batch_size: int = 1,
     regional: bool = False,

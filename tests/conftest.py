@@ -39,7 +39,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        names = BAD_INPUT_TESTS.get(os.path.basename(str(item.fspath)), ())
+        names = BAD_INPUT_TESTS.get(item.path.name, ())
         if getattr(item, "originalname", item.name) in names:
             item.add_marker("bad_input")
 
@@ -54,7 +54,7 @@ def pytest_runtest_makereport(item, call):
     if call.when == "call" and item.get_closest_marker("bad_input") is not None:
         rep = item.config.stash[_REPORT]
         if call.excinfo is None:
-            f = os.path.basename(str(item.fspath))
+            f = item.path.name
             rep["bad_input_passed"][f] = rep["bad_input_passed"].get(f, 0) + 1
         else:
             rep["bad_input_failed"] += 1

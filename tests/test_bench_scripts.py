@@ -1,0 +1,130 @@
+"""CPU smoke of experiments/bench_amg.py and experiments/run_experiments.py (tiny model), plus
+the mask matching and threshold choice of bench_amg on hand-made data."""
+import csv
+import json
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+sys.path.insert(0, ROOT)
+
+import bench_amg  # noqa: E402
+import run_experiments  # noqa: E402
+
+
+def _square(y, x, s=4, hw=(16, 16)):
+    m = np.zeros(hw, bool)
+    m[y : y + s, x : x + s] = True
+    return m
+
+
+def test_match_identical_sets_is_one():
+    a = [_square(0, 0), _square(8, 8), _square(0, 10)]
+    r = bench_amg.match_masks(a, list(reversed(a)))
+    assert r["n_matched"] == 3 and r["matched_iou_mean"] == 1.0 and r["set_iou"] == 1.0
+
+
+def test_match_disjoint_sets_is_zero():
+    r = bench_amg.match_masks([_square(0, 0)], [_square(10, 10), _square(0, 10)])
+    assert r["n_matched"] == 0 and r["matched_iou_mean"] == 0.0 and r["set_iou"] == 0.0
+    assert (r["n_ref"], r["n_other"]) == (1, 2)
+
+
+def test_match_partial_overlap_by_hand():
+    # shifted by one column: 12 shared px of 20 -> 0.6; the assignment must pair the right masks
+    a = [_square(0, 0), _square(8, 8)]
+    b = [_square(8, 9), _square(0, 0)]
+    r = bench_amg.match_masks(a, b)
+    assert r["n_matched"] == 2
+    assert r["matched_iou_mean"] == pytest.approx((1.0 + 0.6) / 2)
+    assert r["matched_iou_min"] == pytest.approx(0.6)
+    # below min_iou a pair does not count as matched
+    r = bench_amg.match_masks(a, b, min_iou=0.7)
+    assert r["n_matched"] == 1 and r["set_iou"] == pytest.approx(0.5)
+    assert bench_amg.match_masks([], [])["set_iou"] == 1.0
+
+
+def test_choose_thresholds_hits_target_and_falls_back():
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    iou = torch.rand(n, generator=g)
+    stab = torch.rand(n, generator=g)
+    # disjoint boxes: NMS keeps everything that passes the filters
+    x = torch.arange(n) * 10
+    boxes = torch.stack([x, torch.zeros(n, dtype=torch.long), x + 5, torch.full((n,), 5)], 1)
+    t_iou, t_stab, q, n_after, passing, how = bench_amg.choose_thresholds(iou, stab, boxes, 100, 50)
+    assert abs(n_after - 100) <= 15 and n_after == passing and "after NMS" in how
+    assert int(bench_amg.passes(iou, stab, t_iou, t_stab).sum()) == passing
+    # identical boxes: NMS keeps one, so the candidate count is targeted instead
+    same = torch.tensor([[0, 0, 50, 50]]).repeat(n, 1)
+    t_iou, t_stab, q, n_after, passing, how = bench_amg.choose_thresholds(iou, stab, same, 100, 50)
+    assert n_after == 1 and abs(passing - 50) <= 10 and "candidates pass" in how
+
+
+def test_bench_amg_cpu_smoke(tmp_path):
+    out = tmp_path / "amg"
+    bench_amg.main(["--device", "cpu", "--model-type", "tiny", "--impls", "orig,ours",
+                    "--resize-long", "64", "--points-per-side", "6", "--iters", "1", "--warmup", "0",
+                    "--target-candidates", "30", "--out-dir", str(out)])
+    with open(out / "amg_tiny.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["impl"] for r in rows] == ["orig", "ours"]
+    assert all(r["status"] == "ok" for r in rows), rows
+    for col in ("s_per_image", "n_masks", "speedup_vs_orig", "gpu", "torch", "commit",
+                "pred_iou_thresh", "stability_thresh", "threshold_source", "points_per_side"):
+        assert rows[1][col] != "", col
+    assert float(rows[1]["s_per_image"]) > 0 and rows[1]["gpu"] == "cpu"
+    assert rows[1]["matched_iou_mean"] != "" and int(rows[1]["n_orig_masks"]) == int(rows[0]["n_masks"])
+    assert rows[0]["threshold_source"].startswith("auto")
+    meta = json.loads((out / "amg_tiny.json").read_text())
+    assert meta["meta"]["torch"] == torch.__version__ and len(meta["rows"]) == 2
+    assert (out / "amg_tiny_overlay.png").stat().st_size > 0
+
+
+def test_bench_amg_bad_flags(tmp_path):
+    for argv in (["--impls", "orig,nope"], ["--impls", "peer"],
+                 ["--pred-iou-thresh", "0.5"], ["--iters", "-1"]):
+        with pytest.raises(SystemExit):
+            bench_amg.main(["--device", "cpu", "--model-type", "tiny", "--out-dir", str(tmp_path)] + argv)
+
+
+def test_waterfall_settings_accumulate():
+    s = run_experiments.step_settings("max-autotune", "triton")
+    assert s["fp32"] == run_experiments.BASE
+    assert s["int8"] == dict(dtype="bfloat16", compile="max-autotune", attention="triton",
+                             prompt_batching="nested", compress="int8_dynamic")
+    assert s["fp8"]["compress"] == "fp8" and s["fp8"]["prompt_batching"] == "nested"
+
+
+def test_run_experiments_cpu_smoke(tmp_path):
+    out = tmp_path / "wf"
+    rows = run_experiments.main(["--device", "cpu", "--models", "tiny", "--steps", "bf16,fp32",
+                                 "--limit", "2", "--synth-size", "96x64", "--num-workers", "0",
+                                 "--warmup-batches", "0", "--out-dir", str(out)])
+    assert [r["step"] for r in rows] == ["fp32", "bf16"]  # waterfall order
+    with open(out / "waterfall.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    for col in ("model", "step", "status", "dtype", "miou", "img_per_s_model", "gpu_name",
+                "torch_version", "git_commit"):
+        assert col in csv_rows[0], col
+    assert [r["status"] for r in csv_rows] == ["ok", "ok"]
+    assert [r["dtype"] for r in csv_rows] == ["float32", "bfloat16"]
+    assert all(float(r["img_per_s_model"]) > 0 and 0 <= float(r["miou"]) <= 1 for r in csv_rows)
+    md = (out / "waterfall.md").read_text()
+    assert "| tiny | fp32 |" in md and "| tiny | bf16 |" in md
+    svg = ET.parse(out / "waterfall.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = [e for e in svg.iter(ns + "rect") if e.get("fill") == "#4a7fb5"]
+    assert len(bars) == 2
+    assert len(list(svg.iter(ns + "polyline"))) == 1  # the mIoU line
+
+
+def test_run_experiments_rejects_unknown_step(tmp_path):
+    with pytest.raises(SystemExit):
+        run_experiments.main(["--steps", "fp32,warp", "--out-dir", str(tmp_path)])

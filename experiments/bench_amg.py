@@ -444,11 +444,12 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
                 from segment_anything_fast.build_sam_fast import build_sam_fast
 
                 none = lambda m: None if m == "none" else m  # noqa: E731
-                sam = build_sam_fast(
-                    ours_config(model_type), None, dtype=getattr(torch, args.ours_dtype),
-                    attention=attention, compile_mode=none(args.ours_compile), batch_size=1,
-                    device=dev, regional=args.ours_regional,
-                    decoder_compile_mode=none(args.ours_decoder_compile), decoder_buckets=(ppb,))
+                with torch.device(dev):  # initialise on the device (vit_h on the CPU takes long)
+                    sam = build_sam_fast(
+                        ours_config(model_type), None, dtype=getattr(torch, args.ours_dtype),
+                        attention=attention, compile_mode=none(args.ours_compile), batch_size=1,
+                        device=dev, regional=args.ours_regional,
+                        decoder_compile_mode=none(args.ours_decoder_compile), decoder_buckets=(ppb,))
                 sam.load_state_dict(sd)
             gen = Gen(sam, points_per_batch=ppb, **amg_kw)
             iters = args.orig_iters if (impl == "orig" and args.orig_iters is not None) else args.iters

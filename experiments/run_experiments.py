@@ -230,6 +230,9 @@ def main(argv=None) -> List[dict]:
     settings = step_settings(args.compile_mode, fused)
     os.makedirs(args.out_dir, exist_ok=True)
     root = dataset(args)
+    ec_csv = os.path.join(args.out_dir, "eval_combo_rows.csv")
+    if os.path.exists(ec_csv):  # eval_combo appends and refuses a file with other columns
+        os.remove(ec_csv)
     t0 = time.time()
     rows: List[dict] = []
     paths = {k: os.path.join(args.out_dir, f"waterfall.{k}") for k in ("csv", "md", "svg")}
@@ -252,7 +255,7 @@ def main(argv=None) -> List[dict]:
                        "--batch-size", str(args.batch_size), "--model-type", model,
                        "--device", args.device, "--num-workers", str(args.num_workers),
                        "--cache-dir", os.path.join(args.out_dir, "cache"),
-                       "--output", os.path.join(args.out_dir, "eval_combo_rows.csv"),
+                       "--output", ec_csv,
                        "--dtype", s["dtype"], "--compile", s["compile"], "--attention", s["attention"],
                        "--prompt-batching", s["prompt_batching"], "--compress", s["compress"]]
             if args.checkpoint:

@@ -4,7 +4,6 @@ The summary counts distinct bad inputs (passed test cases marked ``bad_input``; 
 bad-input tests of files owned by others are marked here by name) and the fuzz examples
 recorded by tests/test_robustness.py through the ``robustness_report`` fixture.
 """
-import os
 
 import pytest
 import torch

@@ -247,6 +247,44 @@ def test_cli_output_not_writable(tmp_path, one_image, capsys, where):
     assert blocker.read_text() == "keep me"
 
 
+BAD_CLI_FLAGS = [
+    (["--points-per-side", "5000"], 2, "points_per_side must be <= 1024"),
+    (["--crop-n-layers", "9"], 2, "crop_n_layers must be <= 6"),
+    (["--points-per-batch", "0"], 2, "points_per_batch must be >= 1"),
+    (["--crop-overlap-ratio", "1.0"], 2, "crop_overlap_ratio must be < 1"),
+    (["--batch-images", "0"], "exit", "--batch-images must be >= 1"),
+    (["--device", "gpu0"], "exit", "not a torch device"),
+    (["--points-per-side", "many"], "exit", "invalid int value"),
+]
+
+
+@bad_input
+@pytest.mark.parametrize("flags,rc,msg", BAD_CLI_FLAGS, ids=[" ".join(f) for f, _, _ in BAD_CLI_FLAGS])
+def test_cli_bad_flags(tmp_path, one_image, capsys, flags, rc, msg):
+    """Out-of-range values reach the central validation and come back as one error line."""
+    argv = ["--input", str(one_image), "--output", str(tmp_path / "out"), *CLI, *flags]
+    if rc == "exit":
+        with pytest.raises(SystemExit) as e:
+            amg.main(argv)
+        assert e.value.code == 2
+    else:
+        assert amg.main(argv) == rc
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written for a rejected command line
+
+
+@bad_input
+def test_cli_truncated_checkpoint(tmp_path, one_image, capsys):
+    ckpt = tmp_path / "sam.pth"
+    torch.save(build_sam(MICRO).state_dict(), ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    assert amg.main(["--input", str(one_image), "--output", str(tmp_path / "out"), *CLI, "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "truncated" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 class _FailingWrites:
     """File wrapper whose write() stores a few bytes and then fails with ``code``."""
 

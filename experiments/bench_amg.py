@@ -156,7 +156,7 @@ def ours_config(model_type: str):
 @torch.no_grad()
 def candidate_scores(sam, image: np.ndarray, points_per_side: int, batch: int = 64):
     """Predicted IoU, stability score and box of every candidate mask (3 per grid point) of the
-    original model, computed with the original package's AMG functions."""
+    original model (on its device), computed with the original package's AMG functions."""
     from segment_anything import SamPredictor
     from segment_anything.utils.amg import (batched_mask_to_box, build_all_layer_point_grids,
                                             calculate_stability_score)
@@ -172,9 +172,9 @@ def candidate_scores(sam, image: np.ndarray, points_per_side: int, batch: int = 
         lab = torch.ones(c.shape[0], 1, dtype=torch.int, device=pred.device)
         masks, iou, _ = pred.predict_torch(c, lab, multimask_output=True, return_logits=True)
         masks, iou = masks.flatten(0, 1), iou.flatten(0, 1)
-        stabs.append(calculate_stability_score(masks, sam.mask_threshold, 1.0).cpu())
-        boxes.append(batched_mask_to_box(masks > sam.mask_threshold).cpu())
-        ious.append(iou.float().cpu())
+        stabs.append(calculate_stability_score(masks, sam.mask_threshold, 1.0))
+        boxes.append(batched_mask_to_box(masks > sam.mask_threshold))
+        ious.append(iou.float())
     pred.reset_image()
     return torch.cat(ious), torch.cat(stabs), torch.cat(boxes)
 
@@ -196,8 +196,8 @@ def survivors(iou, stab, boxes, t_iou, t_stab, nms_thresh=0.7) -> int:
     keep = passes(iou, stab, t_iou, t_stab)
     if not keep.any():
         return 0
-    k = batched_nms(boxes[keep].float(), iou[keep], torch.zeros(int(keep.sum()), dtype=torch.int64),
-                    nms_thresh)
+    k = batched_nms(boxes[keep].float(), iou[keep],
+                    torch.zeros(int(keep.sum()), dtype=torch.int64, device=boxes.device), nms_thresh)
     return int(len(k))
 
 

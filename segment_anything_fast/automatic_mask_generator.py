@@ -65,7 +65,8 @@ class SamAutomaticMaskGenerator:
     ``crop_overlap_ratio``, ``crop_n_points_downscale_factor``, ``min_mask_region_area``
     (OpenCV) and ``output_mode`` ('binary_mask', 'uncompressed_rle' or 'coco_rle').
     If a batch of points runs out of GPU memory, the batch is halved and retried (with a
-    warning); later batches keep the smaller size.
+    warning); later batches keep the smaller size. ``generate_batch`` does the same with
+    ``encoder_batch_size`` when the image encoder runs out of memory.
     """
 
     def __init__(
@@ -154,11 +155,27 @@ class SamAutomaticMaskGenerator:
                     if not self._degenerate(im, box):
                         jobs.append((k, tuple(box)))
             embeddings = {}
-            for j in range(0, len(jobs), encoder_batch_size):
-                chunk = jobs[j : j + encoder_batch_size]
+            j, step = 0, encoder_batch_size
+            while j < len(jobs):
+                chunk = jobs[j : j + step]
                 crops = [group[k][b[1] : b[3], b[0] : b[2]] for k, b in chunk]
-                for key, emb in zip(chunk, self._embed(crops)):
-                    embeddings[key] = emb
+                try:
+                    embs = self._embed(crops)
+                except RuntimeError as e:
+                    if not _is_oom(e):
+                        raise
+                    if step == 1:
+                        raise RuntimeError(
+                            "out of memory running the image encoder on a single image; use a smaller "
+                            "model, a lower precision (bfloat16) or the CPU."
+                        ) from e
+                    step = max(1, step // 2)
+                    warnings.warn(f"out of memory in the image encoder: retrying with encoder_batch_size={step}")
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                embeddings.update(zip(chunk, embs))
+                j += len(chunk)
             for k, im in enumerate(group):
                 embs = {b: e for (kk, b), e in embeddings.items() if kk == k}
                 out.append(self._finish(self._generate_masks(im, embs)))

@@ -472,6 +472,43 @@ def test_amg_other_errors_not_swallowed(model, oom_model):
     assert gen.points_per_batch == 4
 
 
+class _OOMEncoder(torch.nn.Module):
+    """Wraps an image encoder; raises out-of-memory for batches larger than ``limit``."""
+
+    def __init__(self, inner, limit):
+        super().__init__()
+        self.inner, self.limit, self.img_size, self.sizes = inner, limit, inner.img_size, []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("limit", [1, 0])
+def test_generate_batch_halves_encoder_batch_on_oom(model, limit):
+    imgs = [IMG, CONTIG, np.ascontiguousarray(IMG[:, ::-1])]
+    kw = dict(points_per_side=2, output_mode="uncompressed_rle", **KEEP_ALL)
+    ref = SamAutomaticMaskGenerator(model, **kw).generate_batch(imgs, encoder_batch_size=1)
+    real = model.image_encoder
+    model.image_encoder = enc = _OOMEncoder(real, limit)
+    try:
+        gen = SamAutomaticMaskGenerator(model, **kw)
+        if limit == 0:
+            with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="image encoder on a single image") as e:
+                gen.generate_batch(imgs, encoder_batch_size=4)
+            assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+            return
+        with pytest.warns(UserWarning) as rec:
+            out = gen.generate_batch(imgs, encoder_batch_size=4)
+    finally:
+        model.image_encoder = real
+    assert [str(w.message) for w in rec] == [
+        f"out of memory in the image encoder: retrying with encoder_batch_size={n}" for n in (2, 1)]
+    assert enc.sizes == [3, 2, 1, 1, 1] and out == ref
+
+
 def test_predict_torch_oom_with_points_suggests_smaller_batch(model, oom_model):
     p = SamPredictor(model)
     p.set_image(IMG)

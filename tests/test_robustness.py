@@ -547,7 +547,11 @@ class Tally:
         except BaseException:
             self.stats["crash"] += 1
             raise
-        check(out)
+        try:
+            check(out)
+        except BaseException:  # wrong shape / dtype counts as a crash too
+            self.stats["crash"] += 1
+            raise
         self.stats["ok"] += 1
 
 
@@ -736,6 +740,66 @@ def test_fuzz_generate(model, robustness_report):
                 assert 0.0 <= r["stability_score"] <= 1.0 and len(r["point_coords"]) == 1
 
         tally(call, check)
+
+    run()
+    assert tally.stats["run"] >= FUZZ_EXAMPLES and tally.stats["crash"] == 0
+    assert tally.stats["ok"] > 100 and tally.stats["documented_error"] > 100
+
+
+@st.composite
+def torch_prompts(draw):
+    """Batched tensor prompts for predict_torch: mostly consistent, sometimes not."""
+    b = draw(st.integers(1, 4))
+    bad = draw(st.sampled_from([None] * 6 + ["batch", "labels", "box_order", "nan", "shape", "dtype", "mask"]))
+    kinds = draw(st.sets(st.sampled_from(["points", "boxes", "mask"]), min_size=1))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    kw = {"multimask_output": draw(st.booleans()), "return_logits": draw(st.booleans())}
+    coords = labels = boxes = mask = None
+    if "points" in kinds or bad in ("labels", "dtype"):
+        n = draw(st.integers(1, 4))
+        coords = torch.rand(b, n, 2, generator=g) * 40 - 4
+        labels = torch.randint(-1, 2, (b, n), generator=g)
+        if bad == "labels":
+            labels[0, 0] = 3
+        elif bad == "dtype":
+            labels = labels.float() + 0.5
+        elif bad == "shape":
+            coords = coords[..., :1]
+    if "boxes" in kinds or bad == "box_order":
+        xy = torch.rand(b, 2, generator=g) * 30
+        boxes = torch.cat([xy, xy + torch.rand(b, 2, generator=g) * 20], 1)
+        if bad == "box_order":
+            boxes = boxes[:, [2, 1, 0, 3]]
+        elif bad == "batch":
+            boxes = torch.cat([boxes, boxes])
+    if "mask" in kinds or bad == "mask":
+        mask = torch.randn(b, 1, LOW, LOW, generator=g)
+        if bad == "mask":
+            mask = mask[:, :, :8]
+    if bad == "nan":
+        for t in (coords, boxes, mask):
+            if t is not None:
+                t.view(-1)[0] = float("nan")
+    return b, (coords, labels, boxes, mask), kw
+
+
+def test_fuzz_predict_torch(pred, robustness_report):
+    """predict_torch() on batched tensor prompts: BxCxHxW outputs or ValueError/TypeError."""
+    tally = Tally(robustness_report, "SamPredictor.predict_torch")
+
+    @_fuzz_settings()
+    @given(spec=torch_prompts())
+    def run(spec):
+        _, (coords, labels, boxes, mask), kw = spec
+        b = next(t.shape[0] for t in (coords, boxes, mask) if t is not None)
+        c = 3 if kw["multimask_output"] else 1
+
+        def check(out):
+            m, s, low = out
+            assert m.shape == (b, c, 20, 30) and m.dtype == (torch.float32 if kw["return_logits"] else torch.bool)
+            assert s.shape == (b, c) and s.dtype == torch.float32 and low.shape == (b, c, LOW, LOW)
+
+        tally(lambda: pred.predict_torch(coords, labels, boxes, mask, **kw), check)
 
     run()
     assert tally.stats["run"] >= FUZZ_EXAMPLES and tally.stats["crash"] == 0

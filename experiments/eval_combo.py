@@ -38,7 +38,7 @@ from segment_anything_fast.data.coco_prompts import (  # noqa: E402
     select_annotations,
 )
 from segment_anything_fast.distributed import (  # noqa: E402
-    DEFAULT_TIMEOUT_S, DistContext, RankFailedError, init_distributed, shard, shard_size,
+    DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, shard, shard_size,
 )
 
 MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "default", "tiny")  # tiny: SAM_CONFIGS["tiny"]
@@ -149,9 +149,13 @@ def validate_args(args, parser) -> None:
         bad("--dtype", args.dtype, ("float32", "bfloat16"))
     if args.compile not in COMPILE_MODES:
         bad("--compile", args.compile, COMPILE_MODES)
-    backends = attention_backends()
-    if args.attention not in backends:
-        bad("--attention", args.attention, backends)
+    from segment_anything_fast import attention
+
+    # Built-in backends need no import of the optional ones (flex/triton: seconds of startup).
+    if args.attention not in attention.available_backends():
+        backends = attention_backends()
+        if args.attention not in backends:
+            bad("--attention", args.attention, backends)
     if args.prompt_batching not in PROMPT_BATCHING:
         bad("--prompt-batching", args.prompt_batching, PROMPT_BATCHING)
     if args.compress not in compress_modes():
@@ -375,10 +379,12 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
     error = None
     for b in range(n_steps):
         if b < n_batches and error is None:
-            names: List[str] = []
+            # The sequential loader's batch b: named up front, so a failure while loading it
+            # still says which images.
+            ids = dataset.image_ids[b * args.batch_size:(b + 1) * args.batch_size]
+            names = [dataset.coco.loadImgs(i)[0]["file_name"] for i in ids]
             try:
                 batch = next(batches)
-                names = [os.path.basename(it["file_name"]) for it in batch]
                 if b == warmup:
                     sync()
                     t_timed_start = time.perf_counter()
@@ -403,8 +409,7 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
             except Exception as e:
                 if not ctx.is_distributed:
                     raise
-                what = f"image(s) {', '.join(names)}" if names else f"loading batch {b + 1}"
-                error = f"failed on {what}: {type(e).__name__}: {e}"
+                error = f"failed on image(s) {', '.join(names)}: {type(e).__name__}: {e}"
             if ctx.is_main:
                 print(f"\rbatch {b + 1}/{n_batches}", end="", file=sys.stderr, flush=True)
         if ctx.is_distributed:
@@ -545,17 +550,22 @@ def main(argv=None) -> int:
             row = run(args, ctx)
         except RankFailedError as e:
             if ctx.is_main or any(r == ctx.rank for r, _, _ in e.failures):
-                print(f"error: {e}", file=sys.stderr)
+                print(f"\nerror: {e}", file=sys.stderr)
             else:
                 print(f"error: rank {ctx.rank} stopped: another rank failed (see rank 0's log).",
                       file=sys.stderr)
-            return 2
+            return finish(ctx, 2)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             tag = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.is_distributed else ""
             print(f"error{tag}: {e}", file=sys.stderr)
-            return 2
-    if row is None:
-        return 0
+            return 2  # no barrier: the error may be a broken process group
+        if row is None:
+            return finish(ctx, 0)
+        _report(args, ctx, row)
+        return finish(ctx, 0)
+
+
+def _report(args, ctx: DistContext, row: Dict[str, object]) -> None:
     ranks = f" on {ctx.world_size} ranks" if ctx.world_size > 1 else ""
     print(f"mIoU {row['miou']:.4f} over {row['n_annotations']} annotations in {row['n_images']} "
           f"images ({row['n_skipped_images']} skipped){ranks}")
@@ -568,7 +578,6 @@ def main(argv=None) -> int:
     if row["peak_gpu_memory_mib"] != "":
         print(f"peak GPU memory: {row['peak_gpu_memory_mib']} MiB on {row['gpu_name']}")
     print(f"appended a row to {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,8 +8,12 @@ recursively and the sub-folder layout is kept. Every file is written to a tempor
 renamed, so an interrupted run leaves no partial output; --resume skips images whose output
 is complete. Unreadable images are reported and skipped; the exit status is 1 if any failed.
 
+Under torchrun each rank (one per GPU, cuda:LOCAL_RANK) processes a disjoint shard of the
+images and writes their outputs itself; rank 0 prints the summary and the failures of all ranks.
+
 Example (no download; random weights unless --checkpoint is given):
   python scripts/amg.py --output out/ --overlay
+  torchrun --nproc-per-node 2 scripts/amg.py --input images/ --output out/ --checkpoint sam.pth
 """
 import argparse
 import csv
@@ -30,19 +34,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import segment_anything_fast  # noqa: E402
+from segment_anything_fast.distributed import (  # noqa: E402
+    DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, shard,
+)
 from segment_anything_fast.validation import check_output_path, explain_os_error  # noqa: E402
 
 SAMPLE_IMAGE = os.path.join(os.path.dirname(segment_anything_fast.__file__), "assets", "sample.png")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pbm",
               ".pgm", ".ppm")
-MODEL_TYPES = ("default", "vit_h", "vit_l", "vit_b", "tiny")
-# The test-sized model (as tests/oracle.py TINY): 128 px input, 32-wide encoder.
-TINY_CONFIG = dict(
-    encoder_embed_dim=32, encoder_depth=4, encoder_num_heads=2, encoder_global_attn_indexes=(1, 3),
-    image_size=128, patch_size=16, window_size=3, prompt_embed_dim=32, mask_in_chans=16,
-    decoder_depth=2, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_depth=3,
-    iou_head_hidden_dim=32,
-)
+MODEL_TYPES = ("default", "vit_h", "vit_l", "vit_b", "tiny")  # tiny: SAM_CONFIGS["tiny"]
 TMP_TAG = ".amg-tmp-"
 METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,"
                    "predicted_iou,stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "crops; faster on GPUs, more memory; default 1)")
     p.add_argument("--resume", action="store_true",
                    help="skip images whose output (and overlay, with --overlay) already exists")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="under torchrun: seconds a rank waits for the others (model setup, the "
+                        "final summary) before the run fails; must cover the spread of the "
+                        f"ranks' finishing times (default {DEFAULT_TIMEOUT_S:.0f})")
     g = p.add_argument_group("AMG settings (defaults: SamAutomaticMaskGenerator's)")
     for name, typ, text in AMG_FLAGS:
         g.add_argument(f"--{name}", type=typ, default=None, help=text)
@@ -170,15 +174,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(output: str) -> int:
-    """Remove temporary files/folders left by killed runs (not those of running ones)."""
+def clean_stale_temps(output: str, own_only: bool = False) -> int:
+    """Remove temporary files/folders left by killed runs (not those of running ones).
+
+    ``own_only``: remove only this process's (other ranks may run on other hosts, where a
+    pid check says nothing).
+    """
     removed = 0
     for dirpath, dirnames, filenames in os.walk(output):
         for entry in list(dirnames) + filenames:
             if TMP_TAG not in entry:
                 continue
             pid_text = entry.split(TMP_TAG, 1)[1].split(".", 1)[0]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+            mine = pid_text == str(os.getpid())
+            if own_only and not mine:
+                continue
+            if pid_text.isdigit() and not mine and _pid_alive(int(pid_text)):
                 continue
             full = os.path.join(dirpath, entry)
             if os.path.isdir(full):
@@ -282,21 +293,21 @@ def _binary(masks: List[dict]) -> List[np.ndarray]:
     return out
 
 
-def build_model(args):
-    from segment_anything_fast.build_sam import SamConfig, build_sam
+def build_model(args, verbose: bool = True):
+    from segment_anything_fast.build_sam import build_sam
 
     model_type = args.model_type or ("default" if args.checkpoint else "vit_b")
-    config = SamConfig(**TINY_CONFIG) if model_type == "tiny" else model_type
     if args.checkpoint is None:
+        torch.manual_seed(args.seed)
+    if args.checkpoint is None and verbose:
         print(f"NOTE: no --checkpoint: using {model_type} with RANDOM weights (seed {args.seed}); "
               "the masks show the pipeline, not real segmentations. Download a SAM checkpoint "
               "and pass --checkpoint for meaningful masks.", file=sys.stderr)
-        torch.manual_seed(args.seed)
     if args.fast:
         from segment_anything_fast.build_sam_fast import build_sam_fast
 
-        return build_sam_fast(config, args.checkpoint, device=args.device), model_type
-    return build_sam(config, args.checkpoint).to(args.device), model_type
+        return build_sam_fast(model_type, args.checkpoint, device=args.device), model_type
+    return build_sam(model_type, args.checkpoint).to(args.device), model_type
 
 
 def _write_outputs(args, name: str, image: np.ndarray, masks: List[dict]) -> Tuple[str, str]:
@@ -330,8 +341,14 @@ def _generate(generator, images: List[np.ndarray]) -> List:
     return out
 
 
-def _run_all(args, generator, targets, failures) -> Tuple[int, int, int]:
-    """Process every target; append (path, reason) to ``failures``; return counts."""
+def _run_all(args, generator, targets, failures, show_progress: bool = True,
+             print_each: Optional[bool] = None) -> Tuple[int, int, int]:
+    """Process every target; append (path, reason) to ``failures``; return counts.
+
+    ``print_each``: print a line per written image (default: when there is one target).
+    """
+    if print_each is None:
+        print_each = len(targets) == 1
     from tqdm import tqdm
 
     skipped = written = n_masks = 0
@@ -341,7 +358,8 @@ def _run_all(args, generator, targets, failures) -> Tuple[int, int, int]:
             skipped += 1
         else:
             todo.append((path, name))
-    bar = tqdm(total=len(todo), desc="AMG", unit="img", file=sys.stderr, disable=len(todo) < 2)
+    bar = tqdm(total=len(todo), desc="AMG", unit="img", file=sys.stderr,
+               disable=len(todo) < 2 or not show_progress)
 
     def fail(path, e):
         failures.append((path, f"{type(e).__name__}: {e}"))
@@ -368,7 +386,7 @@ def _run_all(args, generator, targets, failures) -> Tuple[int, int, int]:
                 continue
             written += 1
             n_masks += len(masks)
-            if len(targets) == 1:
+            if print_each:
                 print(f"{path}: {len(masks)} masks -> {main_path}"
                       + (f" (+ {overlay_path})" if args.overlay else ""))
     bar.close()
@@ -395,51 +413,99 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--batch-images must be >= 1, got {args.batch_images}")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
+    if not args.dist_timeout > 0:
+        parser.error(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    try:
+        ctx = init_distributed("cuda" if device.type == "cuda" else "cpu", args.dist_timeout)
+        args.device = str(ctx.resolve_device(args.device))
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with ctx:
+        try:
+            code = _main(args, ctx)
+        except RankFailedError as e:
+            if ctx.is_main or any(r == ctx.rank for r, _, _ in e.failures):
+                print(f"\nerror: {e}", file=sys.stderr)
+            else:
+                print(f"error: rank {ctx.rank} stopped: another rank failed (see rank 0's log).",
+                      file=sys.stderr)
+            code = 2
+        return code if code == 130 else finish(ctx, code)
+
+
+def _main(args, ctx: DistContext) -> int:
     try:
         targets = find_images(args.input)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2  # the same on every rank: no rank waits for another
 
     from segment_anything_fast.automatic_mask_generator import SamAutomaticMaskGenerator
 
+    setup_error = None
     try:
-        sam, model_type = build_model(args)
+        sam, model_type = build_model(args, verbose=ctx.is_main)
         generator = SamAutomaticMaskGenerator(
             sam, output_mode="coco_rle" if args.convert_to_rle else "binary_mask",
             **amg_kwargs(args))
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        setup_error = str(e)
+    if setup_error is None:
+        try:
+            check_output_path(args.output, "--output")
+            os.makedirs(args.output, exist_ok=True)
+            if ctx.is_main:  # before the others start writing (they wait at the check below)
+                clean_stale_temps(args.output)
+        except (ValueError, OSError) as e:
+            setup_error = str(explain_os_error(e, args.output) if isinstance(e, OSError) else e)
+    if not ctx.is_distributed and setup_error is not None:
+        print(f"error: {setup_error}", file=sys.stderr)
         return 2
+    if ctx.is_distributed:
+        ctx.check(setup_error, "model setup")
 
-    try:
-        check_output_path(args.output, "--output")
-        os.makedirs(args.output, exist_ok=True)
-    except (ValueError, OSError) as e:
-        print(f"error: {explain_os_error(e, args.output) if isinstance(e, OSError) else e}",
-              file=sys.stderr)
-        return 2
-    clean_stale_temps(args.output)
+    mine = shard(targets, ctx.rank, ctx.world_size)
     failures: List[Tuple[str, str]] = []
     t0 = time.perf_counter()
     try:
-        written, skipped, n_masks = _run_all(args, generator, targets, failures)
+        written, skipped, n_masks = _run_all(args, generator, mine, failures,
+                                             show_progress=ctx.is_main,
+                                             print_each=len(targets) == 1)
     except KeyboardInterrupt:
-        clean_stale_temps(args.output)  # our own half-written temporaries
+        clean_stale_temps(args.output, own_only=ctx.is_distributed)  # our half-written temps
         print("\nInterrupted: finished images are kept; rerun with --resume to continue.",
               file=sys.stderr)
         return 130
-    dt = time.perf_counter() - t0
+    parts = ctx.all_gather_object(dict(rank=ctx.rank, host=ctx.host, written=written,
+                                       skipped=skipped, n_masks=n_masks, failures=failures,
+                                       seconds=time.perf_counter() - t0))
+    failed = [(p["rank"], path, why) for p in parts for path, why in p["failures"]]
+    if not ctx.is_main:
+        return 1 if failed else 0
+    written = sum(p["written"] for p in parts)
+    n_masks = sum(p["n_masks"] for p in parts)
+    skipped = sum(p["skipped"] for p in parts)
+    wall = max(p["seconds"] for p in parts)
+    ranks = f" on {ctx.world_size} ranks" if ctx.is_distributed else ""
     print(f"Done: {written} image(s) written ({n_masks} masks), {skipped} already complete, "
-          f"{len(failures)} failed, in {dt:.1f} s. Output: {args.output}")
+          f"{len(failed)} failed, in {wall:.1f} s{ranks}. "
+          f"Output: {args.output}")
+    if ctx.is_distributed:
+        if wall > 0:
+            print(f"throughput: {written / wall:.3f} img/s over all ranks")
+        for p in parts:
+            print(f"  rank {p['rank']} ({p['host']}): {p['written']} written, {p['skipped']} "
+                  f"already complete, {len(p['failures'])} failed, {p['seconds']:.1f} s")
     if written and n_masks == 0:
         hint = " (expected with random weights)" if args.checkpoint is None else ""
         print("NOTE: no mask passed the filters" + hint + "; lower --pred-iou-thresh and "
               "--stability-score-thresh (with random weights: both 0) to keep more.", file=sys.stderr)
-    if failures:
-        print(f"{len(failures)} image(s) failed:", file=sys.stderr)
-        for path, why in failures:
-            print(f"  {path}: {why}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} image(s) failed:", file=sys.stderr)
+        for rank, path, why in failed:
+            tag = f"[rank {rank}] " if ctx.is_distributed else ""
+            print(f"  {tag}{path}: {why}", file=sys.stderr)
         return 1
     return 0
 

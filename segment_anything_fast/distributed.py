@@ -11,6 +11,7 @@ with :meth:`DistContext.gather_object`.
 import datetime
 import os
 import socket
+import sys
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -183,3 +184,19 @@ def init_distributed(device_type: str = "cpu",
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistContext(rank, world, local, backend)
+
+
+def finish(ctx: DistContext, code: int) -> int:
+    """Flush output and wait for every rank before any returns ``code``.
+
+    torchrun stops all workers as soon as one exits non-zero; waiting here lets rank 0 print its
+    summary of the whole run first. A rank that cannot be reached is not waited for.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if ctx.is_distributed:
+        try:
+            ctx.barrier()
+        except RuntimeError:
+            pass
+    return code

@@ -165,7 +165,7 @@ def test_ctrl_c_keeps_finished_images_and_no_temps(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if (out / "p0_overlay.png").exists():
+        if amg.is_complete(str(out), "p0", False, True):  # overlay AND masks written
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)

@@ -7,7 +7,10 @@ the (possibly normalised) input so callers can write ``x = check_x(x)``.
 Finite point coordinates and boxes outside the image are accepted, as in the original
 ``segment_anything`` (the prompt encoder extrapolates); NaN/inf values, boxes with
 x1 < x0 or y1 < y0, and labels other than 0/1 (or -1 = padding in ``predict_torch``) are
-rejected.
+rejected. Documented limits: images up to ``MAX_PIXELS`` (2**31 - 1) pixels, AMG
+``points_per_side`` <= ``MAX_POINTS_PER_SIDE`` (1024) and ``crop_n_layers`` <=
+``MAX_CROP_N_LAYERS`` (6). ``check_output_path`` and ``explain_os_error`` serve the CLIs
+(output path usable before any work; "disk full" / "no permission" messages).
 """
 import errno
 import numbers

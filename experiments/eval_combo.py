@@ -38,7 +38,8 @@ from segment_anything_fast.data.coco_prompts import (  # noqa: E402
     select_annotations,
 )
 from segment_anything_fast.distributed import (  # noqa: E402
-    DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, shard, shard_size,
+    DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, print_failure,
+    shard, shard_size,
 )
 
 MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "default", "tiny")  # tiny: SAM_CONFIGS["tiny"]
@@ -549,11 +550,7 @@ def main(argv=None) -> int:
             args.device = str(ctx.resolve_device(args.device))
             row = run(args, ctx)
         except RankFailedError as e:
-            if ctx.is_main or any(r == ctx.rank for r, _, _ in e.failures):
-                print(f"\nerror: {e}", file=sys.stderr)
-            else:
-                print(f"error: rank {ctx.rank} stopped: another rank failed (see rank 0's log).",
-                      file=sys.stderr)
+            print_failure(ctx, e)
             return finish(ctx, 2)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             tag = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.is_distributed else ""

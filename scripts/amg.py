@@ -35,7 +35,8 @@ import torch  # noqa: E402
 
 import segment_anything_fast  # noqa: E402
 from segment_anything_fast.distributed import (  # noqa: E402
-    DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, shard,
+    DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, print_failure,
+    shard,
 )
 from segment_anything_fast.validation import check_output_path, explain_os_error  # noqa: E402
 
@@ -425,11 +426,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             code = _main(args, ctx)
         except RankFailedError as e:
-            if ctx.is_main or any(r == ctx.rank for r, _, _ in e.failures):
-                print(f"\nerror: {e}", file=sys.stderr)
-            else:
-                print(f"error: rank {ctx.rank} stopped: another rank failed (see rank 0's log).",
-                      file=sys.stderr)
+            print_failure(ctx, e)
             code = 2
         return code if code == 130 else finish(ctx, code)
 

@@ -186,6 +186,15 @@ def init_distributed(device_type: str = "cpu",
     return DistContext(rank, world, local, backend)
 
 
+def print_failure(ctx: DistContext, err: RankFailedError) -> None:
+    """Full message on rank 0 and on the ranks that failed; a one-line pointer on the others."""
+    if ctx.is_main or any(r == ctx.rank for r, _, _ in err.failures):
+        print(f"\nerror: {err}", file=sys.stderr)
+    else:
+        print(f"error: rank {ctx.rank} stopped: another rank failed (see rank 0's log).",
+              file=sys.stderr)
+
+
 def finish(ctx: DistContext, code: int) -> int:
     """Flush output and wait for every rank before any returns ``code``.
 

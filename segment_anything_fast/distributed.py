@@ -118,7 +118,10 @@ class DistContext:
         if self.is_distributed:
             import torch.distributed as dist
 
-            dist.barrier()
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.local_rank])
+            else:
+                dist.barrier()
 
     def close(self) -> None:
         """Destroy the process group (idempotent)."""

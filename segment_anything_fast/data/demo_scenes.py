@@ -1,0 +1,64 @@
+"""Generated scenes sized for the demo model, and its point-prompt mIoU measurement.
+
+Scenes come from :func:`synthetic_coco.make_scene` with the long side equal to the model's
+``image_size`` (COCO-like aspect ratios), so images need no resizing, only padding.
+The held-out set uses seeds that training never draws (``(seed, HELDOUT_OFFSET + i)``).
+"""
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+from .coco_prompts import center_point, mask_iou
+from .synthetic_coco import COCO_LIKE_SIZES, Scene, make_scene
+
+HELDOUT_OFFSET = 10_000_000
+
+
+def scene_size(rng: np.random.Generator, long_side: int):
+    """(width, height) of a COCO-like aspect ratio with the given long side."""
+    w, h = COCO_LIKE_SIZES[int(rng.integers(len(COCO_LIKE_SIZES)))]
+    s = long_side / max(w, h)
+    return max(round(w * s), 32), max(round(h * s), 32)
+
+
+def demo_scene(seed: Sequence[int], long_side: int, min_area: int = 60) -> Scene:
+    """One scene whose size depends only on ``seed``."""
+    w, h = scene_size(np.random.default_rng([*seed, 7]), long_side)
+    return make_scene(seed, w, h, num_objects=(3, 10), min_area=min_area)
+
+
+def heldout_scenes(n: int, long_side: int, seed: int = 0) -> List[Scene]:
+    """The fixed held-out set: ``n`` scenes no training step sees."""
+    return [demo_scene((seed, HELDOUT_OFFSET + i), long_side) for i in range(n)]
+
+
+@torch.no_grad()
+def point_prompt_ious(sam, scenes: List[Scene]) -> torch.Tensor:
+    """IoU of every GT object with the mask predicted from its center point.
+
+    Protocol of ``experiments/eval_combo.py``: one positive point at the pixel farthest from the
+    object boundary, ``multimask_output=True``, the output with the highest predicted IoU.
+    """
+    size = sam.image_encoder.img_size
+    out = []
+    for sc in scenes:
+        h, w = sc.image.shape[:2]
+        if max(h, w) != size:
+            raise ValueError(f"scene long side {max(h, w)} != model image_size {size}.")
+        if not sc.masks:
+            continue
+        img = torch.from_numpy(sc.image).permute(2, 0, 1).to(sam.device)
+        emb = sam.image_encoder(sam.preprocess(img)[None])
+        pts = torch.tensor([center_point(m) for m in sc.masks], dtype=torch.float32, device=sam.device)
+        labels = torch.ones(len(sc.masks), 1, dtype=torch.int, device=sam.device)
+        sparse, dense = sam.prompt_encoder(points=(pts[:, None], labels), boxes=None, masks=None)
+        low, iou = sam.mask_decoder(
+            image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
+        )
+        best = low[torch.arange(len(low)), iou.argmax(1)][:, None]
+        masks = sam.postprocess_masks(best, (h, w), (h, w))[:, 0] > sam.mask_threshold
+        gt = torch.from_numpy(np.stack(sc.masks)).to(masks.device)
+        out.append(mask_iou(masks, gt).cpu())
+    return torch.cat(out) if out else torch.zeros(0)

@@ -38,6 +38,9 @@ def build_sam_fast(
     regional: bool = False,
     decoder_compile_mode: Optional[str] = "max-autotune-no-cudagraphs",
     decoder_buckets: Sequence[int] = DEFAULT_DECODER_BUCKETS,
+    compress: str = "none",
+    compiled_package: Optional[Union[str, os.PathLike]] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
 ):
     """Build SAM for fast inference.
 
@@ -56,8 +59,24 @@ def build_sam_fast(
         regional: compile one windowed and one global block and reuse them (faster compile).
         decoder_compile_mode: torch.compile mode of the mask decoder, or None for eager.
         decoder_buckets: prompt counts the decoder is compiled for (inputs padded up to one).
+        compress: image-encoder compression mode of ``quantize.COMPRESS_MODES`` (applied after
+            the cast, before compiling).
+        compiled_package: an AOTInductor ``.pt2`` made by ``scripts/export_package.py`` for
+            this model: attached instead of compiling (no compile in this process; a package
+            built for another GPU / torch / dtype / batch raises ``aot.PackageMismatchError``).
+        cache_dir: keep inductor / autotune caches in this folder so the next process reuses
+            them (``aot.enable_persistent_caches``).
     """
     dev = _resolve_device(device)
+    if compiled_package is not None and compress != "none":
+        raise ValueError(
+            "compress= cannot be combined with compiled_package=: the package already holds the "
+            "encoder's weights; export a package from a compressed model instead."
+        )
+    if cache_dir is not None:
+        from .aot import enable_persistent_caches
+
+        enable_persistent_caches(cache_dir)
     if attention is None:
         attention = "triton" if dev.type == "cuda" else "flex"
     check_backend(attention)
@@ -66,10 +85,16 @@ def build_sam_fast(
     with dev:  # initialise the weights on the target device (much faster than on the CPU)
         sam = build_sam(config, checkpoint, attention=attention)
     sam.to(dev)
+    if compiled_package is not None:
+        from .aot import attach_compiled_package
+
+        make_fast(sam, dtype=dtype, attention=attention, compile_mode=None, decoder_mode=None)
+        return attach_compiled_package(sam, compiled_package, batch_size=batch_size, cache_dir=cache_dir)
     return make_fast(
         sam,
         dtype=dtype,
         attention=attention,
+        compress=compress,
         compile_mode=compile_mode,
         batch_size=batch_size,
         regional=regional,

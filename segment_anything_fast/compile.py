@@ -239,15 +239,22 @@ def make_fast(
     regional: bool = False,
     decoder_mode: Optional[str] = "max-autotune-no-cudagraphs",
     decoder_buckets: Sequence[int] = DEFAULT_DECODER_BUCKETS,
+    compress: str = "none",
 ) -> nn.Module:
-    """Apply :func:`cast_model`, :func:`set_attention_backend` and the two compiles in place.
+    """Apply :func:`cast_model`, :func:`set_attention_backend`, ``quantize.compress`` and the
+    two compiles in place, in that order.
 
-    ``None`` for ``dtype``/``attention``/``compile_mode``/``decoder_mode`` skips that step.
+    ``None`` for ``dtype``/``attention``/``compile_mode``/``decoder_mode`` (and ``"none"`` for
+    ``compress``) skips that step.
     """
     if dtype is not None:
         cast_model(sam, dtype)
     if attention is not None:
         set_attention_backend(sam.image_encoder, attention)
+    if compress != "none":
+        from .quantize import compress as compress_encoder
+
+        compress_encoder(sam, compress)
     if compile_mode is not None:
         sam.image_encoder = compile_image_encoder(
             sam.image_encoder, mode=compile_mode, batch_size=batch_size, regional=regional

@@ -241,3 +241,21 @@ def test_cli_errors(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "must end in .pt2" in proc.stderr
+
+
+def test_build_sam_fast_with_compiled_package(exported):
+    from segment_anything_fast.build_sam_fast import build_sam_fast
+
+    kw = dict(dtype=None, device="cpu", attention="math", decoder_compile_mode=None)
+    sam = build_sam_fast(CFG, exported["ckpt"], compiled_package=exported["path"], **kw)
+    assert isinstance(sam.image_encoder, aot.AOTImageEncoder)
+    x = torch.randn(1, 3, CFG.image_size, CFG.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(sam.image_encoder(x), _model(exported).image_encoder(x),
+                                   atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="compiled_package"):
+        build_sam_fast(CFG, exported["ckpt"], compiled_package=exported["path"],
+                       compress="int8_dynamic", **kw)
+    with pytest.raises(aot.PackageMismatchError):
+        build_sam_fast(CFG, exported["ckpt"], compiled_package=exported["path"],
+                       **dict(kw, dtype=torch.bfloat16))

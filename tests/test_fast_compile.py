@@ -128,3 +128,22 @@ def test_build_sam_fast_errors():
         build_sam_fast(TINY, attention="fast!", device="cpu", compile_mode=None)
     with pytest.raises(ValueError, match="not a valid torch device"):
         build_sam_fast(TINY, device="gpu0", compile_mode=None)
+
+
+def test_build_sam_fast_compress_int8_matches_uncompressed(tmp_path):
+    _, orig = build_pair()
+    ckpt = tmp_path / "tiny.pth"
+    torch.save(orig.state_dict(), ckpt)
+    kw = dict(dtype=None, attention="sdpa", compile_mode=None, decoder_compile_mode=None,
+              device="cpu")
+    plain = build_sam_fast(TINY, ckpt, **kw)
+    sam = build_sam_fast(TINY, ckpt, compress="int8_dynamic", **kw)
+    qkv = sam.image_encoder.blocks[0].attn.qkv.weight
+    assert type(qkv) is not type(plain.image_encoder.blocks[0].attn.qkv.weight)  # torchao tensor
+    x = _images(2, seed=5)
+    with torch.no_grad():
+        ref, out = plain.image_encoder(x), sam.image_encoder(x)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min()
+    assert cos > 0.99
+    with pytest.raises(ValueError, match="compress"):
+        build_sam_fast(TINY, ckpt, compress="int4_magic", **kw)

@@ -37,6 +37,7 @@ from segment_anything_fast.data.coco_prompts import (  # noqa: E402
     CenterPointCache, CocoPointPromptDataset, collate_list, load_coco, mask_iou,
     select_annotations,
 )
+from segment_anything_fast.validation import check_output_path  # noqa: E402
 from segment_anything_fast.distributed import (  # noqa: E402
     DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, print_failure,
     shard, shard_size,
@@ -539,6 +540,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate_args(args, parser)
+    try:
+        check_output_path(args.output, "--output", directory=False)
+    except ValueError as e:  # before the evaluation, not after it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         ctx = init_distributed("cuda" if args.device.startswith("cuda") else "cpu",
                                args.dist_timeout)

@@ -397,9 +397,6 @@ def test_cli_odd_image_files(tmp_path, capsys, kind):
         assert m["segmentation"]["size"] == list(img.shape[:2])
 
 
-@pytest.mark.xfail(strict=True, raises=FileExistsError, reason=(
-    "experiments/eval_combo.py (DATA/CLI helper) should call validation.check_output_path(args.output, "
-    "'--output', directory=False) in validate_args; today it crashes after the whole evaluation"))
 def test_eval_combo_output_not_writable(tmp_path, capsys):
     from experiments import eval_combo as ec
     from segment_anything_fast.data.synthetic_coco import write_coco_dataset

@@ -11,15 +11,6 @@ from segment_anything_fast.utils import amg
 from tests.oracle import build_pair
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded on a shared CPU; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _boxes(g, n, scale=100.0):
     b = torch.rand(n, 4, generator=g) * scale
     b[:, 2:] += b[:, :2] * 0.5

@@ -12,14 +12,6 @@ from segment_anything_fast.utils.transforms import ResizeLongestSide
 from tests.oracle import build_pair
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded on a shared CPU; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 IMG = np.random.RandomState(0).randint(0, 256, (100, 150, 3), dtype=np.uint8)
 PTS = np.array([[30.0, 40.0], [100.0, 60.0], [149.0, 0.0]])
 LAB = np.array([1, 0, 1])

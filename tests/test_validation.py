@@ -10,15 +10,6 @@ from segment_anything_fast.validation import check_amg_params
 from tests.oracle import build_pair
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded on a shared CPU; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 IMG = np.random.RandomState(0).randint(0, 256, (60, 80, 3), dtype=np.uint8)
 
 

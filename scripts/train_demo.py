@@ -30,49 +30,88 @@ from segment_anything_fast.build_sam import SamConfig, build_sam
 from segment_anything_fast.data.coco_prompts import center_point
 from segment_anything_fast.data.demo_scenes import demo_scene, heldout_scenes, point_prompt_ious
 
-# Sized for CPU training: 256 px input -> 16x16 tokens (windows of 8, two global blocks).
+# 256 px input -> 16x16 tokens (windows of 8, two global blocks); fast enough for CPU inference.
 DEMO_CONFIG = SamConfig(
-    encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4, encoder_global_attn_indexes=(1, 3),
-    image_size=256, patch_size=16, window_size=8, prompt_embed_dim=64, mask_in_chans=16,
-    decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=2, iou_head_depth=3,
-    iou_head_hidden_dim=64,
+    encoder_embed_dim=192, encoder_depth=6, encoder_num_heads=6, encoder_global_attn_indexes=(2, 5),
+    image_size=256, patch_size=16, window_size=8, prompt_embed_dim=128, mask_in_chans=16,
+    decoder_depth=2, decoder_mlp_dim=512, decoder_num_heads=4, iou_head_depth=3,
+    iou_head_hidden_dim=128,
 )
 
 
-def focal_loss(logits, target, alpha=0.25, gamma=2.0):
-    """Sigmoid focal loss averaged over pixels; (..., H, W) -> (...)."""
+def focal_loss(logits, target, valid, alpha=0.25, gamma=2.0):
+    """Sigmoid focal loss averaged over the valid pixels; (..., H, W) -> (...)."""
     p = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     pt = p * target + (1 - p) * (1 - target)
     loss = ce * (1 - pt) ** gamma * (alpha * target + (1 - alpha) * (1 - target))
-    return loss.flatten(-2).mean(-1)
+    return (loss * valid).flatten(-2).sum(-1) / valid.flatten(-2).sum(-1)
 
 
-def dice_loss(logits, target):
-    p = logits.sigmoid().flatten(-2)
+def dice_loss(logits, target, valid):
+    p = (logits.sigmoid() * valid).flatten(-2)
     t = target.flatten(-2)
     return 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
 
 
+def make_item(seed, index, long_side):
+    """Training item (image tensor, mask tensor, center points) of scene ``(seed, index)``, or None."""
+    sc = demo_scene((seed, index), long_side)
+    if not sc.masks:
+        return None
+    masks = torch.from_numpy(np.stack(sc.masks))
+    centers = torch.tensor([center_point(m) for m in sc.masks], dtype=torch.float32)
+    return torch.from_numpy(sc.image).permute(2, 0, 1).contiguous(), masks, centers
+
+
 class ScenePool:
-    """Pre-generated training scenes (image tensor, mask tensor, center points), refreshed on the go."""
+    """Pre-generated training scenes, refreshed on the go.
 
-    def __init__(self, size, long_side, seed):
+    With ``workers`` > 0, new scenes are made in worker processes and swapped in as they finish
+    (fresh data for a fast GPU loop; which step sees which scene then depends on timing).
+    """
+
+    def __init__(self, size, long_side, seed, workers=0):
         self.long_side, self.seed, self.next = long_side, seed, 0
-        self.items = [self._make() for _ in range(size)]
+        self.items = []
+        while len(self.items) < size:
+            item = self._make_next()
+            if item is not None:
+                self.items.append(item)
+        self.pending = []
+        self.executor = None
+        if workers:
+            import concurrent.futures
+            import multiprocessing
 
-    def _make(self):
-        while True:
-            sc = demo_scene((self.seed, self.next), self.long_side)
-            self.next += 1
-            if sc.masks:
-                break
-        masks = torch.from_numpy(np.stack(sc.masks))
-        centers = torch.tensor([center_point(m) for m in sc.masks], dtype=torch.float32)
-        return torch.from_numpy(sc.image).permute(2, 0, 1).contiguous(), masks, centers
+            ctx = multiprocessing.get_context("spawn")
+            self.executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+            self.pending = [self._submit() for _ in range(4 * workers)]
+
+    def _make_next(self):
+        self.next += 1
+        return make_item(self.seed, self.next - 1, self.long_side)
+
+    def _submit(self):
+        self.next += 1
+        return self.executor.submit(make_item, self.seed, self.next - 1, self.long_side)
 
     def refresh(self, rng):
-        self.items[int(rng.integers(len(self.items)))] = self._make()
+        """Replace a random item: with the next scene, or every finished worker scene."""
+        if self.executor is None:
+            item = self._make_next()
+            if item is not None:
+                self.items[int(rng.integers(len(self.items)))] = item
+            return
+        while self.pending and self.pending[0].done():
+            item = self.pending.pop(0).result()
+            self.pending.append(self._submit())
+            if item is not None:
+                self.items[int(rng.integers(len(self.items)))] = item
+
+    def close(self):
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
 
 
 def sample_prompts(masks, centers, k, rng):
@@ -95,18 +134,19 @@ def sample_prompts(masks, centers, k, rng):
     return torch.from_numpy(idx), torch.tensor(pts), torch.tensor(boxes, dtype=torch.float32)
 
 
-def mask_losses(sam, low, gt, hw):
-    """low (K, C, h, w) logits, gt (K, H, W) -> per-mask loss (K, C) and actual IoU (K, C).
+def mask_losses(sam, low, gt, valid):
+    """low (K, C, h, w) logits; gt (K, S, S) masks padded to the input size S; valid (K, S, S)
+    the image area -> per-mask loss (K, C) and actual IoU (K, C), over the valid pixels.
 
-    Computed at half the input resolution (soft area-averaged targets) to save CPU time.
+    Computed at half the input resolution (soft area-averaged targets) to save time.
     """
     size = sam.image_encoder.img_size // 2
-    h, w = (hw[0] + 1) // 2, (hw[1] + 1) // 2
-    logits = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)[..., :h, :w]
-    target = F.interpolate(gt[:, None].float(), (h, w), mode="area").expand_as(logits)
-    loss = 20 * focal_loss(logits, target) + dice_loss(logits, target)
+    logits = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)
+    target = F.interpolate(gt[:, None].float(), (size, size), mode="area").expand_as(logits)
+    v = F.interpolate(valid[:, None].float(), (size, size), mode="area") > 0.5
+    loss = 20 * focal_loss(logits, target, v) + dice_loss(logits, target, v)
     with torch.no_grad():
-        pred, tgt = logits > 0, target > 0.5
+        pred, tgt = (logits > 0) & v, target > 0.5
         inter = (pred & tgt).flatten(-2).sum(-1).float()
         union = (pred | tgt).flatten(-2).sum(-1).float()
         iou = inter / union.clamp(min=1)
@@ -114,28 +154,42 @@ def mask_losses(sam, low, gt, hw):
 
 
 def train_step(sam, batch, k, rng):
-    images = torch.stack([sam.preprocess(img.float()) for img, _, _ in batch])
+    """batch: (image, masks, centers) on the CPU; returns the mean loss (on the model's device).
+
+    The prompts of all images (a point, multimask, and a box, single mask, per sampled object)
+    go through one decoder call, so a step costs a few hundred kernel launches, not thousands.
+    """
+    dev = sam.device
+    images = torch.stack([sam.preprocess(img.to(dev).float()) for img, _, _ in batch])
     emb = sam.image_encoder(images)
-    pe = sam.prompt_encoder.get_dense_pe()
-    total, n = 0.0, 0
-    for e, (img, masks, centers) in zip(emb, batch):
-        hw = img.shape[-2:]
-        idx, pts, boxes = sample_prompts(masks, centers, k, rng)
-        gt = masks[idx]
-        labels = torch.ones(len(idx), 1, dtype=torch.int)
-        for prompt, multi in (((pts[:, None], labels), True), (boxes, False)):
-            sparse, dense = sam.prompt_encoder(
-                points=prompt if multi else None, boxes=None if multi else prompt, masks=None
-            )
-            low, iou_pred = sam.mask_decoder(
-                image_embeddings=e[None], image_pe=pe, sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense, multimask_output=multi,
-            )
-            loss, iou = mask_losses(sam, low, gt, hw)
-            best = loss.min(dim=1).values
-            total = total + best.sum() + F.mse_loss(iou_pred, iou, reduction="none").mean(1).sum()
-            n += len(idx)
-    return total / n
+    prompts = [sample_prompts(masks, centers, k, rng) for _, masks, centers in batch]
+    counts = torch.tensor([len(idx) for idx, _, _ in prompts], device=dev)
+    pts = torch.cat([p for _, p, _ in prompts]).to(dev)
+    boxes = torch.cat([b for _, _, b in prompts]).to(dev)
+    labels = torch.ones(len(pts), 1, dtype=torch.int, device=dev)
+    sp_pts, dense = sam.prompt_encoder(points=(pts[:, None], labels), boxes=None, masks=None)
+    sp_box, _ = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+    per_prompt = emb.repeat_interleave(counts, dim=0, output_size=len(pts))
+    pe = sam.prompt_encoder.get_dense_pe().expand(2 * len(pts), -1, -1, -1)
+    low, iou_pred = sam.mask_decoder.predict_masks_per_prompt(
+        torch.cat([per_prompt, per_prompt]), pe, torch.cat([sp_pts, sp_box]),
+        torch.cat([dense, dense]),
+    )
+    n_pts, size = len(pts), sam.image_encoder.img_size
+    gt = torch.zeros(n_pts, size, size, dtype=torch.bool)
+    valid = torch.zeros(n_pts, size, size, dtype=torch.bool)
+    start = 0
+    for (img, masks, _), (idx, _, _) in zip(batch, prompts):
+        h, w = img.shape[-2:]
+        gt[start:start + len(idx), :h, :w] = masks[idx]
+        valid[start:start + len(idx), :h, :w] = True
+        start += len(idx)
+    gt, valid = gt.to(dev, non_blocking=True), valid.to(dev, non_blocking=True)
+    total = 0.0
+    for low_k, iou_k in ((low[:n_pts, 1:], iou_pred[:n_pts, 1:]), (low[n_pts:, :1], iou_pred[n_pts:, :1])):
+        loss, iou = mask_losses(sam, low_k.float(), gt, valid)
+        total = total + loss.min(dim=1).values.sum() + F.mse_loss(iou_k.float(), iou, reduction="none").mean(1).sum()
+    return total / (2 * n_pts)
 
 
 def save_checkpoint(sam, cfg, path, meta):
@@ -158,12 +212,14 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pool", type=int, default=400, help="pre-generated training scenes")
     p.add_argument("--refresh-every", type=int, default=2, help="replace one pool scene every N steps")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes making fresh scenes in the background (0: refresh in the loop)")
     p.add_argument("--heldout", type=int, default=40, help="held-out scenes for the final mIoU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default="sam_demo.pt")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():  # bf16 autocast on CUDA
         p.error("--device cuda: no CUDA device is available; use --device cpu.")
     for name in ("steps", "batch", "prompts", "pool", "refresh_every", "threads"):
         if getattr(args, name) < 1:
@@ -178,7 +234,9 @@ def main(argv=None):
     device = torch.device(args.device)
     sam = build_sam(cfg).to(device).train()
     t0 = time.time()
-    pool = ScenePool(args.pool, cfg.image_size, args.seed)
+    if args.workers < 0:
+        p.error("--workers must be >= 0.")
+    pool = ScenePool(args.pool, cfg.image_size, args.seed, args.workers)
     print(f"generated {args.pool} scenes in {time.time() - t0:.0f}s; "
           f"{sum(p.numel() for p in sam.parameters()) / 1e6:.2f}M parameters", flush=True)
     opt = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.999))
@@ -206,21 +264,23 @@ def main(argv=None):
                 img, masks = img.flip(-1), masks.flip(-1)
                 centers = centers.clone()
                 centers[:, 0] = img.shape[-1] - 1 - centers[:, 0]
-            batch.append((img.to(device), masks.to(device), centers))
-        loss = train_step(sam, batch, args.prompts, rng)
+            batch.append((img, masks, centers))
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            loss = train_step(sam, batch, args.prompts, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
         opt.step()
         sched.step()
         step += 1
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = loss.detach() if avg is None else 0.98 * avg + 0.02 * loss.detach()  # no sync
         if step % args.refresh_every == 0:
             pool.refresh(rng)
         if step % 50 == 0:
             print(f"step {step} loss {avg:.4f} lr {sched.get_last_lr()[0]:.2e} "
                   f"{time.time() - t_train:.0f}s", flush=True)
     train_s = time.time() - t_train
+    pool.close()
     if step < args.steps:
         print(f"time budget reached after {step}/{args.steps} steps", flush=True)
     sam.eval()
@@ -228,7 +288,8 @@ def main(argv=None):
     miou = float(ious.mean())
     meta = {"steps": step, "train_seconds": round(train_s, 1), "heldout_scenes": args.heldout,
             "heldout_objects": int(ious.numel()), "heldout_point_miou": round(miou, 4),
-            "seed": args.seed, "batch": args.batch, "prompts": args.prompts, "lr": args.lr}
+            "seed": args.seed, "batch": args.batch, "prompts": args.prompts, "lr": args.lr,
+            "scenes_made": pool.next}
     save_checkpoint(sam.cpu(), cfg, args.out, meta)
     print(f"trained {step} steps in {train_s / 60:.1f} min; held-out point-prompt mIoU "
           f"{miou:.4f} over {ious.numel()} objects in {args.heldout} scenes; wrote {args.out}",

@@ -72,16 +72,29 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks and IoU predictions."""
+        # Per-image tensors repeated for each prompt (repeat_interleave without a host sync).
+        n = sparse_prompt_embeddings.shape[0]
+        return self.predict_masks_per_prompt(
+            _repeat_each(image_embeddings, n), _repeat_each(image_pe, n),
+            sparse_prompt_embeddings, dense_prompt_embeddings,
+        )
+
+    def predict_masks_per_prompt(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`predict_masks` with one image embedding / PE row per prompt (N, C, h, w),
+        so prompts of several images go through one call (used in training)."""
         dtype = self.iou_token.weight.dtype
         sparse = sparse_prompt_embeddings.to(dtype)
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         out_tokens = out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
         tokens = torch.cat((out_tokens, sparse), dim=1)
-
-        # Per-image tensors repeated for each prompt (repeat_interleave without a host sync).
-        n = tokens.shape[0]
-        src = _repeat_each(image_embeddings.to(dtype), n) + dense_prompt_embeddings.to(dtype)
-        pos_src = _repeat_each(image_pe.to(dtype), n)
+        src = image_embeddings.to(dtype) + dense_prompt_embeddings.to(dtype)
+        pos_src = image_pe.to(dtype)
         b, c, h, w = src.shape
 
         hs, src = self.transformer(src, pos_src, tokens)

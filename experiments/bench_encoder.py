@@ -92,7 +92,7 @@ def build_peer(name, sd, mode):
     return sam, enc
 
 
-def build_ours(name, sd, attention, mode, batch, regional):
+def build_ours(name, sd, attention, mode, batch, regional, compress="none"):
     from segment_anything_fast.build_sam import build_sam
     from segment_anything_fast.compile import make_fast
 
@@ -101,7 +101,7 @@ def build_ours(name, sd, attention, mode, batch, regional):
     sam.to("cuda")
     sam.load_state_dict(sd)
     make_fast(sam, dtype=torch.bfloat16, attention=attention, compile_mode=mode,
-              batch_size=batch, regional=regional, decoder_mode=None)
+              batch_size=batch, regional=regional, decoder_mode=None, compress=compress)
     return sam.eval(), sam.image_encoder
 
 
@@ -246,6 +246,12 @@ def main():
     ap.add_argument("--ours-mode", default="max-autotune")
     ap.add_argument("--ours-attention", default="triton")
     ap.add_argument("--ours-regional", action="store_true")
+    ap.add_argument("--ours-compress", nargs="+", default=["none"],
+                    help="compression modes of ours (quantize.COMPRESS_MODES), each a row 'ours' "
+                         "(none) or 'ours_<mode>'")
+    ap.add_argument("--ours-inductor", nargs="+", default=["default"], choices=["default", "tutorial"],
+                    help="inductor settings of ours: torch's defaults and/or the torchao tutorial's "
+                         "(quantize.InductorSettings.tutorial)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--fid-images", type=int, default=4)
     ap.add_argument("--predictor", action="store_true", help="also time set_image + 64 points")
@@ -256,6 +262,11 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--commit", default="", help="git commit of the code (when .git is absent)")
     args = ap.parse_args()
+    from segment_anything_fast.quantize import COMPRESS_MODES
+
+    bad = [m for m in args.ours_compress if m not in COMPRESS_MODES]
+    if bad:
+        ap.error(f"--ours-compress: unknown mode(s) {bad}; choose from {list(COMPRESS_MODES)}")
     os.makedirs(args.out_dir, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -329,7 +340,7 @@ def main():
             build_s = time.time() - t
             x = bench_x[:batch].to(dtype)
             first, ms, peak, sync_free = time_encoder(enc, x, args.iters, sync_check)
-            if args.profile and impl == "ours":
+            if args.profile and impl.startswith("ours"):
                 try:
                     profile(enc, x, f"{impl} {mode} b{batch}")
                 except Exception as e:
@@ -368,11 +379,20 @@ def main():
                     measure(impl, args.peer_mode, batch,
                             lambda: build_peer(args.model, sd, args.peer_mode), torch.bfloat16)
             elif impl == "ours":
-                mode = f"{args.ours_mode}/{args.ours_attention}" + ("/regional" if args.ours_regional else "")
-                measure(impl, mode, batch,
-                        lambda: build_ours(args.model, sd, args.ours_attention, args.ours_mode, batch,
-                                           args.ours_regional),
-                        torch.bfloat16, sync_check=True)
+                from segment_anything_fast.quantize import InductorSettings
+
+                for comp in args.ours_compress:
+                    for ind in args.ours_inductor:
+                        mode = (f"{args.ours_mode}/{args.ours_attention}"
+                                + ("/regional" if args.ours_regional else "")
+                                + ("/tutorial-inductor" if ind == "tutorial" else ""))
+                        name = "ours" if comp == "none" else f"ours_{comp}"
+                        settings = InductorSettings.tutorial() if ind == "tutorial" else InductorSettings()
+                        with settings.patch():  # compilation happens at the first call, inside
+                            measure(name, mode, batch,
+                                    lambda: build_ours(args.model, sd, args.ours_attention,
+                                                       args.ours_mode, batch, args.ours_regional, comp),
+                                    torch.bfloat16, sync_check=True)
             else:
                 raise SystemExit(f"unknown impl {impl}")
 
@@ -426,14 +446,18 @@ def main():
         if r["impl"] == "predictor_e2e" and r["status"] == "ok":
             print(f"predictor e2e: orig fp32 {r['orig_fp32_s']*1e3:.1f} ms, ours {r['ours_s']*1e3:.1f} ms "
                   f"(x{r['speedup']:.1f}), mask IoU min {r['mask_iou_min']:.4f}")
-    best = {}
-    for r in rows:
-        if r.get("status") == "ok" and "img_per_s" in r:
-            best[(r["impl"], r["batch"])] = r["img_per_s"]
-    for b in args.batches:
-        if ("ours", b) in best and ("peer", b) in best:
-            print(f"batch {b}: ours / competitor = {best[('ours', b)] / best[('peer', b)]:.2f}x")
-
+    best = {(r["impl"], r["mode"], r["batch"]): r["img_per_s"]
+            for r in rows if r.get("status") == "ok" and "img_per_s" in r}
+    for (impl, mode, b), v in best.items():
+        if not impl.startswith("ours"):
+            continue
+        peer = next((x for (i, _, bb), x in best.items() if i == "peer" and bb == b), None)
+        base = next((x for (i, m, bb), x in best.items()
+                     if i == "ours" and bb == b and "tutorial" not in m), None)
+        if peer:
+            print(f"batch {b}: {impl} {mode} / competitor = {v / peer:.2f}x")
+        if base and (impl != "ours" or "tutorial" in mode):
+            print(f"batch {b}: {impl} {mode} / ours bf16 = {v / base:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -27,8 +27,9 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from segment_anything_fast.build_sam import SamConfig, build_sam
-from segment_anything_fast.data.coco_prompts import center_point
-from segment_anything_fast.data.demo_scenes import demo_scene, heldout_scenes, point_prompt_ious
+from segment_anything_fast.data.demo_scenes import (
+    heldout_scenes, one_thread_worker, point_prompt_ious, scene_arrays,
+)
 
 # 256 px input -> 16x16 tokens (windows of 8, two global blocks); fast enough for CPU inference.
 DEMO_CONFIG = SamConfig(
@@ -56,12 +57,8 @@ def dice_loss(logits, target, valid):
 
 def make_item(seed, index, long_side):
     """Training item (image tensor, mask tensor, center points) of scene ``(seed, index)``, or None."""
-    sc = demo_scene((seed, index), long_side)
-    if not sc.masks:
-        return None
-    masks = torch.from_numpy(np.stack(sc.masks))
-    centers = torch.tensor([center_point(m) for m in sc.masks], dtype=torch.float32)
-    return torch.from_numpy(sc.image).permute(2, 0, 1).contiguous(), masks, centers
+    arrays = scene_arrays(seed, index, long_side)
+    return None if arrays is None else tuple(torch.from_numpy(a) for a in arrays)
 
 
 class ScenePool:
@@ -71,8 +68,8 @@ class ScenePool:
     (fresh data for a fast GPU loop; which step sees which scene then depends on timing).
     """
 
-    def __init__(self, size, long_side, seed, workers=0):
-        self.long_side, self.seed, self.next = long_side, seed, 0
+    def __init__(self, size, long_side, seed, workers=0, max_swaps=4):
+        self.long_side, self.seed, self.next, self.max_swaps = long_side, seed, 0, max_swaps
         self.items = []
         while len(self.items) < size:
             item = self._make_next()
@@ -85,7 +82,8 @@ class ScenePool:
             import multiprocessing
 
             ctx = multiprocessing.get_context("spawn")
-            self.executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+            self.executor = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=one_thread_worker)
             self.pending = [self._submit() for _ in range(4 * workers)]
 
     def _make_next(self):
@@ -94,20 +92,22 @@ class ScenePool:
 
     def _submit(self):
         self.next += 1
-        return self.executor.submit(make_item, self.seed, self.next - 1, self.long_side)
+        return self.executor.submit(scene_arrays, self.seed, self.next - 1, self.long_side)
 
     def refresh(self, rng):
-        """Replace a random item: with the next scene, or every finished worker scene."""
+        """Replace a random item with the next scene, or up to ``max_swaps`` finished worker scenes."""
         if self.executor is None:
             item = self._make_next()
             if item is not None:
                 self.items[int(rng.integers(len(self.items)))] = item
             return
-        while self.pending and self.pending[0].done():
-            item = self.pending.pop(0).result()
+        for _ in range(self.max_swaps):  # bounded, so the training loop never waits on data
+            if not (self.pending and self.pending[0].done()):
+                break
+            arrays = self.pending.pop(0).result()
             self.pending.append(self._submit())
-            if item is not None:
-                self.items[int(rng.integers(len(self.items)))] = item
+            if arrays is not None:
+                self.items[int(rng.integers(len(self.items)))] = tuple(torch.from_numpy(a) for a in arrays)
 
     def close(self):
         if self.executor is not None:

@@ -40,3 +40,28 @@ def test_bad_arguments_are_refused(tmp_path):
         td.main(["--steps", "0", "--out", str(tmp_path / "x.pt")])
     with pytest.raises(SystemExit):
         td.main(["--out", str(tmp_path / "missing" / "x.pt")])
+
+
+def test_worker_pool_swaps_in_fresh_scenes():
+    """--workers: scenes made in worker processes replace pool items, at most max_swaps a call."""
+    import time
+
+    import numpy as np
+
+    td = _script()
+    pool = td.ScenePool(3, 64, seed=0, workers=1, max_swaps=2)
+    try:
+        first = [item[0].clone() for item in pool.items]
+        start = pool.next
+        deadline = time.time() + 60
+        while pool.next == start and time.time() < deadline:
+            time.sleep(0.2)
+            pool.refresh(np.random.default_rng(0))
+        assert pool.next - start in (1, 2)  # each swapped-in scene submits one new one
+        img, masks, centers = pool.items[0]
+        assert img.dtype == torch.uint8 and img.shape[0] == 3 and masks.dtype == torch.bool
+        assert centers.shape == (masks.shape[0], 2)
+        assert any(not torch.equal(a[0], b) for a, b in zip(pool.items, first) if a[0].shape == b.shape) \
+            or any(a[0].shape != b.shape for a, b in zip(pool.items, first))
+    finally:
+        pool.close()

@@ -28,6 +28,26 @@ def demo_scene(seed: Sequence[int], long_side: int, min_area: int = 60) -> Scene
     return make_scene(seed, w, h, num_objects=(3, 10), min_area=min_area)
 
 
+def scene_arrays(seed: int, index: int, long_side: int):
+    """Training arrays of scene ``(seed, index)``: image (3, H, W) uint8, masks (K, H, W) bool and
+    center points (K, 2) float32; None for a scene without objects. Plain numpy, so cheap to
+    send from a worker process."""
+    sc = demo_scene((seed, index), long_side)
+    if not sc.masks:
+        return None
+    centers = np.array([center_point(m) for m in sc.masks], dtype=np.float32)
+    return np.ascontiguousarray(sc.image.transpose(2, 0, 1)), np.stack(sc.masks), centers
+
+
+def one_thread_worker() -> None:
+    """Initializer of scene worker processes: one thread each (OpenCV and torch default to all
+    cores, which starves the training process when several workers run)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
 def heldout_scenes(n: int, long_side: int, seed: int = 0) -> List[Scene]:
     """The fixed held-out set: ``n`` scenes no training step sees."""
     return [demo_scene((seed, HELDOUT_OFFSET + i), long_side) for i in range(n)]

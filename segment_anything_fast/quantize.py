@@ -18,7 +18,9 @@ Modes (``COMPRESS_MODES``):
   int8_weight_only  int8 weights, activations kept in the model dtype (``Int8WeightOnlyConfig``).
   fp8               float8 e4m3 weights and dynamically quantized activations, per-row scales
                     (``Float8DynamicActivationFloat8WeightConfig``); CUDA capability >= 8.9,
-                    bf16 model.
+                    bf16 model. Needs rows that are not all zero (torchao's per-row scale of a
+                    zero row is 0 -> NaN): windowed blocks therefore project only real tokens,
+                    never the zero padding of the windows (``image_encoder.Block``).
   sparse_2_4        our 2:4 pruning (magnitude, or Wanda with ``calibration``; see
                     ``sparsity.py``), then ``torch.sparse.to_sparse_semi_structured``;
                     CUDA capability >= 8.0, bf16/fp16 model.

@@ -277,3 +277,31 @@ def test_no_torchvision_at_run_time():
         "assert 'torchvision' not in sys.modules, 'torchvision was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=".")
+
+
+def test_windowed_blocks_project_only_real_tokens():
+    """qkv and proj of windowed blocks see the H*W real tokens (no all-zero padded rows, which
+    give per-row quantizers a zero scale), and the padded keys still equal qkv(0)."""
+    from segment_anything_fast.modeling.image_encoder import window_partition
+
+    sam = build_sam(TINY).eval()
+    grid = TINY.image_size // TINY.patch_size
+    assert grid % TINY.window_size != 0  # the tiny config pads
+    seen = []
+    for blk in sam.image_encoder.blocks:
+        if blk.window_size > 0:
+            for lin in (blk.attn.qkv, blk.attn.proj):
+                lin.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        sam.image_encoder(torch.randn(2, 3, TINY.image_size, TINY.image_size))
+    assert seen and all(t.shape[:3] == (2, grid, grid) for t in seen)
+    assert all(bool((t.abs().amax(-1) > 0).all()) for t in seen)
+
+    x = torch.randn(2, 5, 4, 6)
+    bias = torch.randn(6)
+    win, (hp, wp) = window_partition(x, 3, bias)
+    zero_win, _ = window_partition(x, 3)
+    assert (hp, wp) == (6, 6) and win.shape == zero_win.shape == (8, 3, 3, 6)
+    padded = win.reshape(2, 2, 2, 3, 3, 6).permute(0, 1, 3, 2, 4, 5).reshape(2, 6, 6, 6)
+    assert torch.equal(padded[:, :5, :4], x)
+    assert torch.equal(padded[:, 5:], bias.expand(2, 1, 6, 6)) and torch.equal(padded[:, :, 4:], bias.expand(2, 6, 2, 6))

@@ -119,10 +119,13 @@ class Block(nn.Module):
         shortcut = x
         x = self.norm1(x)
         if self.window_size > 0:
+            # qkv and proj act per token: run them on the H*W real tokens, not on the padded
+            # windows. Padded tokens get the qkv bias, i.e. qkv(0), exactly what projecting
+            # SAM's zero padding gives (and no all-zero rows reach a quantized linear).
             H, W = x.shape[1], x.shape[2]
-            x, pad_hw = window_partition(x, self.window_size)
-            x = self.attn(x)
-            x = window_unpartition(x, self.window_size, pad_hw, (H, W))
+            qkv, pad_hw = window_partition(self.attn.qkv(x), self.window_size, self.attn.qkv.bias)
+            x = window_unpartition(self.attn.attend(qkv), self.window_size, pad_hw, (H, W))
+            x = self.attn.proj(x)
         else:
             x = self.attn(x)
         x = shortcut + x
@@ -214,9 +217,13 @@ class Attention(nn.Module):
         return get_rel_pos(H, H, self.rel_pos_h), get_rel_pos(W, W, self.rel_pos_w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+        return self.proj(self.attend(self.qkv(x)))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3C) projected q, k, v -> (B, H, W, C) attention output before ``proj``."""
+        B, H, W, C = qkv.shape[0], qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
         N = H * W
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         rel_h = rel_w = None
         if self.use_rel_pos:
@@ -225,20 +232,28 @@ class Attention(nn.Module):
             rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh).reshape(B, self.num_heads, N, H)
             rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw).reshape(B, self.num_heads, N, W)
         out = rel_pos_attention(q, k, v, rel_h, rel_w, self.backend)
-        out = out.transpose(1, 2).reshape(B, H, W, C)
-        return self.proj(out)
+        return out.transpose(1, 2).reshape(B, H, W, C)
 
 
-def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """(B, H, W, C) -> (B * nWindows, ws, ws, C), zero-padding H and W up to multiples of ws.
+def window_partition(
+    x: torch.Tensor, window_size: int, pad_value: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """(B, H, W, C) -> (B * nWindows, ws, ws, C), padding H and W up to multiples of ws with
+    zeros, or with the (C,) vector ``pad_value`` at every padded position.
 
     Returns the windows and the padded size (Hp, Wp).
     """
     B, H, W, C = x.shape
     pad_h = (window_size - H % window_size) % window_size
     pad_w = (window_size - W % window_size) % window_size
-    if pad_h > 0 or pad_w > 0:
+    if pad_value is None and (pad_h > 0 or pad_w > 0):
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    elif pad_value is not None:
+        fill = pad_value.to(x.dtype)
+        if pad_w > 0:
+            x = torch.cat([x, fill.expand(B, H, pad_w, C)], dim=2)
+        if pad_h > 0:
+            x = torch.cat([x, fill.expand(B, pad_h, W + pad_w, C)], dim=1)
     Hp, Wp = H + pad_h, W + pad_w
     x = x.reshape(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
     windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)

@@ -305,3 +305,17 @@ def test_windowed_blocks_project_only_real_tokens():
     padded = win.reshape(2, 2, 2, 3, 3, 6).permute(0, 1, 3, 2, 4, 5).reshape(2, 6, 6, 6)
     assert torch.equal(padded[:, :5, :4], x)
     assert torch.equal(padded[:, 5:], bias.expand(2, 1, 6, 6)) and torch.equal(padded[:, :, 4:], bias.expand(2, 6, 2, 6))
+
+
+@pytest.mark.parametrize("input_size,original_size", [
+    ((96, 128), (96, 128)), ((128, 77), (300, 192)), ((128, 128), (128, 128)),
+    ((1, 128), (2, 200)), ((127, 128), (127, 128)),
+])
+def test_postprocess_masks_equals_original(pair, input_size, original_size):
+    """Cropping before the upscale and skipping an identity resize change no value."""
+    ours, orig = pair
+    low = torch.randn(3, 2, TINY.image_size // 4, TINY.image_size // 4)
+    got = ours.postprocess_masks(low, input_size, original_size)
+    want = orig.postprocess_masks(low, input_size, original_size)
+    assert got.shape == want.shape == (3, 2, *original_size)
+    assert torch.equal(got, want)

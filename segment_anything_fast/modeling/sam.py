@@ -89,17 +89,27 @@ class Sam(nn.Module):
     ) -> torch.Tensor:
         """Upscale (B, C, h, w) logits to image_size, crop the padding, resize to original_size.
 
-        Half/bfloat16 logits are upcast to float32 first.
+        Half/bfloat16 logits are upcast to float32 first. Same values as upscaling everything
+        and cropping, with less work: only the low-res rows/columns that reach the crop are
+        upscaled (bilinear at an integer scale reads at most one row past them), and the
+        final resize is skipped when it would be the identity.
         """
         if masks.dtype in (torch.float16, torch.bfloat16):
             masks = masks.float()
         size = self.image_encoder.img_size
-        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
-        masks = masks[..., : int(input_size[0]), : int(input_size[1])]
-        return F.interpolate(
-            masks, (int(original_size[0]), int(original_size[1])), mode="bilinear",
-            align_corners=False,
-        )
+        ih, iw = int(input_size[0]), int(input_size[1])
+        h, w = masks.shape[-2], masks.shape[-1]
+        if size % h == 0 and size // h == size // w and size % w == 0:
+            s = size // h
+            rh, rw = min(h, -(-ih // s) + 1), min(w, -(-iw // s) + 1)
+            masks = F.interpolate(masks[..., :rh, :rw], scale_factor=s, mode="bilinear", align_corners=False)
+        else:
+            masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
+        masks = masks[..., :ih, :iw]
+        oh, ow = int(original_size[0]), int(original_size[1])
+        if (oh, ow) == (ih, iw):
+            return masks
+        return F.interpolate(masks, (oh, ow), mode="bilinear", align_corners=False)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a 3xHxW image (in float32) and zero-pad it to image_size x image_size."""

@@ -25,10 +25,13 @@ class ResizeLongestSide:
         return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """HxWxC uint8 image -> resized HxWxC uint8 image (PIL bilinear)."""
+        """HxWxC uint8 image -> resized HxWxC uint8 image (PIL bilinear; a copy when the size
+        does not change, which is what PIL returns then)."""
         new_h, new_w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[..., 0]
+        if (new_h, new_w) == image.shape[:2] and image.dtype == np.uint8 and image.ndim in (2, 3):
+            return np.array(image)
         pil = Image.fromarray(np.ascontiguousarray(image))
         return np.array(pil.resize((new_w, new_h), Image.BILINEAR))
 

@@ -44,7 +44,7 @@ CSV_FIELDS = (
     "model", "impl", "dtype", "compile", "points_per_batch", "status", "s_per_image",
     "first_call_s", "n_masks", "n_orig_masks", "n_matched", "matched_iou_mean", "matched_iou_min",
     "set_iou", "speedup_vs_orig", "speedup_vs_peer", "pred_iou_thresh", "stability_thresh",
-    "threshold_source", "points_per_side", "image", "image_hw", "weights", "device", "gpu",
+    "box_nms_thresh", "threshold_source", "points_per_side", "image", "image_hw", "weights", "device", "gpu",
     "torch", "commit",
 )
 
@@ -201,7 +201,7 @@ def survivors(iou, stab, boxes, t_iou, t_stab, nms_thresh=0.7) -> int:
     return int(len(k))
 
 
-def choose_thresholds(iou, stab, boxes, target: int, target_candidates: int):
+def choose_thresholds(iou, stab, boxes, target: int, target_candidates: int, nms_thresh: float = 0.7):
     """Both thresholds the q-quantile of the candidates' scores (the IoU one clipped to [0, 1]).
 
     q gives the survivor count (after NMS) closest to ``target`` (ties: the larger q). When no
@@ -215,7 +215,7 @@ def choose_thresholds(iou, stab, boxes, target: int, target_candidates: int):
         t_iou = float(np.clip(torch.quantile(iou, float(q)).item(), 0.0, 1.0))
         t_stab = float(torch.quantile(stab, float(q)).item())
         passing = int(passes(iou, stab, t_iou, t_stab).sum())
-        cands.append((t_iou, t_stab, float(q), survivors(iou, stab, boxes, t_iou, t_stab), passing))
+        cands.append((t_iou, t_stab, float(q), survivors(iou, stab, boxes, t_iou, t_stab, nms_thresh), passing))
     best_n = max(c[3] for c in cands)
     if best_n * 2 >= target:
         best = min(reversed(cands), key=lambda c: abs(c[3] - target))
@@ -294,6 +294,10 @@ def build_parser():
     ap.add_argument("--target-candidates", type=int, default=400,
                     help="when no threshold leaves half of --target-masks after NMS: candidates "
                          "that should pass the score filters instead (default 400)")
+    ap.add_argument("--box-nms-thresh", type=float, default=0.7,
+                    help="box NMS IoU threshold of all three generators (AMG default 0.7). Random "
+                         "weights give near full-image boxes that NMS merges into one mask; 1.0 "
+                         "turns that merging off, so the thresholds can leave --target-masks masks")
     ap.add_argument("--iters", type=int, default=3, help="timed generate() calls (median)")
     ap.add_argument("--orig-iters", type=int, default=None, help="timed calls of the original (default --iters)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls after the first (default 2)")
@@ -331,6 +335,8 @@ def main(argv=None):
         ap.error("the competitor (peer) needs CUDA (Triton kernels, pinned nested tensors); drop it from --impls")
     if (args.pred_iou_thresh is None) != (args.stability_thresh is None):
         ap.error("give both --pred-iou-thresh and --stability-thresh, or neither")
+    if not 0.0 < args.box_nms_thresh <= 1.0:
+        ap.error("--box-nms-thresh must be in (0, 1]")
     for name in ("iters", "warmup"):
         if getattr(args, name) < 0:
             ap.error(f"--{name} must be >= 0")
@@ -388,15 +394,17 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
         t = time.time()
         iou, stab, boxes = candidate_scores(orig, image, args.points_per_side)
         t_iou, t_stab, q, _, _, how = choose_thresholds(iou, stab, boxes, args.target_masks,
-                                                        args.target_candidates)
+                                                        args.target_candidates, args.box_nms_thresh)
         source = f"auto: q={q:.3f} quantile of the original's {len(iou)} candidate scores; {how}"
         log(f"candidate predicted IoU: min {iou.min():.3f} median {iou.median():.3f} max {iou.max():.3f}; "
             f"stability: min {stab.min():.3f} median {stab.median():.3f} max {stab.max():.3f} "
             f"({time.time() - t:.1f}s)")
-    info.update(pred_iou_thresh=t_iou, stability_thresh=t_stab, threshold_source=source)
+    info.update(pred_iou_thresh=t_iou, stability_thresh=t_stab, threshold_source=source,
+                box_nms_thresh=args.box_nms_thresh)
     log(f"{model_type}: pred_iou_thresh={t_iou:.4f} stability_score_thresh={t_stab:.4f} [{source}]")
     amg_kw = dict(points_per_side=args.points_per_side, pred_iou_thresh=t_iou,
-                  stability_score_thresh=t_stab, output_mode="binary_mask")
+                  stability_score_thresh=t_stab, box_nms_thresh=args.box_nms_thresh,
+                  output_mode="binary_mask")
 
     if "orig" not in impls:
         del orig
@@ -490,7 +498,7 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
         cv2.imwrite(stem + "_overlay.png", overlay_image(image, results["ours"]))
 
     print(f"\n{model_type}: {info['image_hw']} image, {args.points_per_side}x{args.points_per_side} points, "
-          f"pred_iou_thresh {t_iou:.4f}, stability {t_stab:.4f} ({source})")
+          f"pred_iou_thresh {t_iou:.4f}, stability {t_stab:.4f}, box NMS {args.box_nms_thresh} ({source})")
     print(f"{'impl':6s} {'dtype':9s} {'compile':32s} {'s/img':>8s} {'first s':>8s} {'masks':>6s} "
           f"{'x orig':>7s} {'x peer':>7s} {'matched IoU':>12s} {'matched':>8s}")
     for r in rows:

@@ -65,13 +65,16 @@ def test_choose_thresholds_hits_target_and_falls_back():
     same = torch.tensor([[0, 0, 50, 50]]).repeat(n, 1)
     t_iou, t_stab, q, n_after, passing, how = bench_amg.choose_thresholds(iou, stab, same, 100, 50)
     assert n_after == 1 and abs(passing - 50) <= 10 and "candidates pass" in how
+    # the same boxes with box NMS off (threshold 1.0): the mask target is reachable again
+    t_iou, t_stab, q, n_after, passing, how = bench_amg.choose_thresholds(iou, stab, same, 100, 50, 1.0)
+    assert abs(n_after - 100) <= 15 and n_after == passing and "after NMS" in how
 
 
 def test_bench_amg_cpu_smoke(tmp_path):
     out = tmp_path / "amg"
     bench_amg.main(["--device", "cpu", "--model-type", "tiny", "--impls", "orig,ours",
                     "--resize-long", "64", "--points-per-side", "6", "--iters", "1", "--warmup", "0",
-                    "--target-candidates", "30", "--out-dir", str(out)])
+                    "--target-candidates", "30", "--box-nms-thresh", "1.0", "--out-dir", str(out)])
     with open(out / "amg_tiny.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["impl"] for r in rows] == ["orig", "ours"]
@@ -82,6 +85,7 @@ def test_bench_amg_cpu_smoke(tmp_path):
     assert float(rows[1]["s_per_image"]) > 0 and rows[1]["gpu"] == "cpu"
     assert rows[1]["matched_iou_mean"] != "" and int(rows[1]["n_orig_masks"]) == int(rows[0]["n_masks"])
     assert rows[0]["threshold_source"].startswith("auto")
+    assert all(float(r["box_nms_thresh"]) == 1.0 for r in rows)
     meta = json.loads((out / "amg_tiny.json").read_text())
     assert meta["meta"]["torch"] == torch.__version__ and len(meta["rows"]) == 2
     assert (out / "amg_tiny_overlay.png").stat().st_size > 0
@@ -89,7 +93,7 @@ def test_bench_amg_cpu_smoke(tmp_path):
 
 def test_bench_amg_bad_flags(tmp_path):
     for argv in (["--impls", "orig,nope"], ["--impls", "peer"],
-                 ["--pred-iou-thresh", "0.5"], ["--iters", "-1"]):
+                 ["--pred-iou-thresh", "0.5"], ["--iters", "-1"], ["--box-nms-thresh", "0"]):
         with pytest.raises(SystemExit):
             bench_amg.main(["--device", "cpu", "--model-type", "tiny", "--out-dir", str(tmp_path)] + argv)
 

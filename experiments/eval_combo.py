@@ -15,6 +15,10 @@ Example:
   python scripts/make_synthetic_coco.py --output datasets/synth --num-images 64
   python experiments/eval_combo.py --coco-root datasets/synth --model-type vit_b --limit 64
   torchrun --nproc-per-node 2 experiments/eval_combo.py --coco-root datasets/synth
+A scripts/train_demo.py checkpoint on its own held-out scenes (prints its held-out mIoU; the
+architecture comes from the file):
+  python scripts/make_synthetic_coco.py --output datasets/demo_heldout --heldout-of sam_demo.pt
+  python experiments/eval_combo.py --coco-root datasets/demo_heldout --checkpoint sam_demo.pt
 """
 import argparse
 import csv
@@ -43,7 +47,8 @@ from segment_anything_fast.distributed import (  # noqa: E402
     shard, shard_size,
 )
 
-MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "default", "tiny")  # tiny: SAM_CONFIGS["tiny"]
+# tiny: SAM_CONFIGS["tiny"]; auto: the config stored in --checkpoint, else its official type
+MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "default", "tiny", "auto")
 COMPILE_MODES = ("none", "default", "max-autotune")
 PROMPT_BATCHING = ("nested", "padded", "none")
 CSV_FIELDS = (
@@ -90,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where center points are cached by annotation id ('none' disables; "
                         "default ~/.cache/segment_anything_fast)")
     m = p.add_argument_group("model")
-    m.add_argument("--model-type", default="vit_b",
-                   help=f"one of {', '.join(MODEL_TYPES)} (tiny: the 128 px test model; default vit_b)")
+    m.add_argument("--model-type", default=None,
+                   help=f"one of {', '.join(MODEL_TYPES)} (tiny: the 128 px test model; auto: the "
+                        "architecture stored in --checkpoint, e.g. by scripts/train_demo.py, else "
+                        "the official type its weights match). Default: auto with --checkpoint, "
+                        "vit_b without")
     m.add_argument("--config-json", default=None,
                    help="a SamConfig as JSON (inline or a file path); overrides --model-type's "
                         "architecture, e.g. '{\"encoder_embed_dim\": 64, ...}'")
@@ -141,7 +149,7 @@ def validate_args(args, parser) -> None:
     def bad(flag, value, choices):
         parser.error(f"{flag} {value!r} is not valid; choose one of: {', '.join(choices)}")
 
-    if args.model_type not in MODEL_TYPES:
+    if args.model_type is not None and args.model_type not in MODEL_TYPES:
         bad("--model-type", args.model_type, MODEL_TYPES)
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         bad("--device", args.device, ("cpu", "cuda"))
@@ -172,6 +180,8 @@ def validate_args(args, parser) -> None:
         parser.error(f"--warmup-batches must be >= 0, got {args.warmup_batches}")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
+    if args.model_type == "auto" and args.checkpoint is None:
+        parser.error("--model-type auto reads the architecture from --checkpoint; pass one")
     if not args.dist_timeout > 0:
         parser.error(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
 
@@ -190,7 +200,7 @@ def model_config(args):
             return SamConfig(**fields)
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"--config-json is not a valid SamConfig JSON object: {e}") from e
-    return args.model_type
+    return args.model_type or ("auto" if args.checkpoint else "vit_b")
 
 
 def build_model(args, verbose: bool = True):
@@ -514,7 +524,7 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
     peaks = [p["peak_mib"] for p in parts if p["peak_mib"] is not None]
     row = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model_type": "custom" if args.config_json else args.model_type,
+        "model_type": "custom" if args.config_json else model_config(args),
         "checkpoint": args.checkpoint or f"random-init(seed={args.seed})",
         "device": str(device), "dtype": args.dtype, "compile": args.compile,
         "attention": args.attention, "prompt_batching": args.prompt_batching,

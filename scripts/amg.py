@@ -43,7 +43,8 @@ from segment_anything_fast.validation import check_output_path, explain_os_error
 SAMPLE_IMAGE = os.path.join(os.path.dirname(segment_anything_fast.__file__), "assets", "sample.png")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pbm",
               ".pgm", ".ppm")
-MODEL_TYPES = ("default", "vit_h", "vit_l", "vit_b", "tiny")  # tiny: SAM_CONFIGS["tiny"]
+# tiny: SAM_CONFIGS["tiny"]; auto: the config stored in --checkpoint, else its official type
+MODEL_TYPES = ("default", "vit_h", "vit_l", "vit_b", "tiny", "auto")
 TMP_TAG = ".amg-tmp-"
 METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,"
                    "predicted_iou,stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
@@ -72,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True,
                    help="folder for the results (created if missing)")
     p.add_argument("--model-type", default=None,
-                   help=f"one of {', '.join(MODEL_TYPES)}; default: 'default' (vit_h) with "
-                        "--checkpoint, vit_b without (quick demo); tiny is the test-sized model")
+                   help=f"one of {', '.join(MODEL_TYPES)}; default: auto with --checkpoint (the "
+                        "architecture stored in the file, e.g. by scripts/train_demo.py, else the "
+                        "official type its weights match), vit_b without (quick demo); tiny is the "
+                        "test-sized model")
     p.add_argument("--checkpoint", default=None,
                    help="SAM checkpoint file; without it the model has RANDOM weights and the "
                         "masks are meaningless (the run only demonstrates the pipeline)")
@@ -297,7 +300,7 @@ def _binary(masks: List[dict]) -> List[np.ndarray]:
 def build_model(args, verbose: bool = True):
     from segment_anything_fast.build_sam import build_sam
 
-    model_type = args.model_type or ("default" if args.checkpoint else "vit_b")
+    model_type = args.model_type or ("auto" if args.checkpoint else "vit_b")
     if args.checkpoint is None:
         torch.manual_seed(args.seed)
     if args.checkpoint is None and verbose:
@@ -414,6 +417,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--batch-images must be >= 1, got {args.batch_images}")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
+    if args.model_type == "auto" and args.checkpoint is None:
+        parser.error("--model-type auto reads the architecture from --checkpoint; pass one")
     if not args.dist_timeout > 0:
         parser.error(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     try:

@@ -91,6 +91,7 @@ SAM_CONFIGS: Dict[str, SamConfig] = {
     ),
 }
 OFFICIAL_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
+AUTO = "auto"  # build_sam config: the checkpoint's stored config, else its official type
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -105,8 +106,8 @@ def _resolve_config(config: Union[str, SamConfig]) -> SamConfig:
         if config in SAM_CONFIGS:
             return SAM_CONFIGS[config]
         raise ValueError(
-            f"Unknown SAM model type {config!r}; choose one of {sorted(SAM_CONFIGS)} "
-            "or pass a SamConfig."
+            f"Unknown SAM model type {config!r}; choose one of {sorted(SAM_CONFIGS)}, "
+            f"{AUTO!r} (with a checkpoint) or pass a SamConfig."
         )
     raise TypeError(f"config must be a model type name or a SamConfig, got {type(config).__name__}.")
 
@@ -131,30 +132,53 @@ def build_sam(
     """Build a SAM model in eval mode.
 
     Args:
-        config: "vit_h" / "vit_l" / "vit_b" / "default", "tiny" (test-sized) or a
-            :class:`SamConfig` (small models).
+        config: "vit_h" / "vit_l" / "vit_b" / "default", "tiny" (test-sized), a
+            :class:`SamConfig` (small models), or "auto": the architecture stored in the
+            checkpoint's "config" entry (see :func:`checkpoint_config`), else the official type
+            its weights' shapes match.
             For compatibility with the original ``build_sam(checkpoint)``, a checkpoint path
             given here (with ``checkpoint`` unset) builds vit_h from that file.
         checkpoint: optional path to a state-dict file (official SAM checkpoints load as is).
+            A file that stores its config refuses a different explicit ``config``.
         attention: image-encoder attention backend (see ``attention.available_backends()``).
     """
     if (
         isinstance(config, (str, os.PathLike))
         and checkpoint is None
-        and not (isinstance(config, str) and (config in SAM_CONFIGS or config == "default"))
+        and not (isinstance(config, str) and (config in SAM_CONFIGS or config in ("default", AUTO)))
         and _looks_like_path(os.fspath(config))
     ):
         config, checkpoint = "vit_h", config
-    cfg = _resolve_config(config)
+    if config == AUTO and checkpoint is None:
+        raise ValueError(
+            "config='auto' takes the architecture from the checkpoint file; pass checkpoint= "
+            "or a model type name / SamConfig."
+        )
+    cfg = None if config == AUTO else _resolve_config(config)
     check_backend(attention)
     if checkpoint is None:
         return _construct(cfg, attention).eval()
     # Read and check the file first (fast, clear errors), then skip the random init: build
     # on the meta device and adopt the checkpoint's tensors.
-    state_dict = load_state_dict_file(checkpoint)
+    source = os.fspath(checkpoint)
+    obj = _read_checkpoint(source)
+    state_dict = _unwrap_state_dict(obj, source)
+    stored = _stored_config(obj, source)
+    if cfg is None:
+        cfg = stored or _official_config(state_dict, source)
+    elif stored is not None and stored != cfg:
+        diff = [f"{f.name}={getattr(stored, f.name)!r} (asked {getattr(cfg, f.name)!r})"
+                for f in fields(SamConfig) if getattr(stored, f.name) != getattr(cfg, f.name)]
+        raise ValueError(
+            f"The checkpoint {source!r} stores its architecture, which is not the requested "
+            f"{_config_name(cfg)}: {', '.join(diff[:4])}"
+            f"{f' and {len(diff) - 4} more' if len(diff) > 4 else ''}. "
+            "Build it with config='auto' (command line: leave out --model-type, or pass "
+            "--model-type auto)."
+        )
     with torch.device("meta"):
         sam = _construct(cfg, attention)
-    check_state_dict(sam, state_dict, _config_name(cfg), source=os.fspath(checkpoint))
+    check_state_dict(sam, state_dict, _config_name(cfg), source=source)
     state_dict = {
         k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()
     }
@@ -163,6 +187,18 @@ def build_sam(
         if hasattr(m, "init_nonpersistent_buffers"):
             m.init_nonpersistent_buffers(torch.device("cpu"))
     return sam.eval()
+
+
+def _official_config(state_dict, source: str) -> SamConfig:
+    """config='auto' for a file without a stored config: the official type its shapes match."""
+    detected = detect_model_type(state_dict)
+    if detected is None or detected in OFFICIAL_MODEL_TYPES:
+        return SAM_CONFIGS[detected or "vit_h"]  # not SAM at all: check_state_dict says so
+    raise ValueError(
+        f"The checkpoint {source!r} has no 'config' entry and its weights match no official model "
+        f"(they look like {detected}); build it with its SamConfig (command line: --config-json "
+        "or --model-type tiny)."
+    )
 
 
 def _construct(cfg: SamConfig, attention: str) -> Sam:
@@ -238,6 +274,35 @@ def load_state_dict_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tenso
     (a ``module.`` prefix on every key, as written by DataParallel, is removed).
     """
     path = os.fspath(path)
+    return _unwrap_state_dict(_read_checkpoint(path), path)
+
+
+def checkpoint_config(path: Union[str, os.PathLike]) -> Optional[SamConfig]:
+    """The :class:`SamConfig` stored in a checkpoint's "config" entry (as written by
+    ``scripts/train_demo.py``: ``{"model": sd, "config": {field: value}}``), or None when the
+    file has none (official checkpoints). The tensors are memory-mapped, not read, when the
+    file allows it. Raises ValueError for an entry that is not a valid SamConfig."""
+    path = os.fspath(path)
+    return _stored_config(_read_checkpoint(path, mmap=True), path)
+
+
+def _stored_config(obj, path: str) -> Optional[SamConfig]:
+    if not isinstance(obj, Mapping) or "config" not in obj:
+        return None
+    c = obj["config"]
+    try:
+        if not isinstance(c, Mapping):
+            raise TypeError(f"it is a {type(c).__name__}, expected a dict of SamConfig fields")
+        return SamConfig(**c)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"The checkpoint {path!r} has a 'config' entry that is not a valid SamConfig: {e}"
+        ) from None
+
+
+def _read_checkpoint(path: str, mmap: bool = False):
+    """The object in ``path`` (torch.load, weights_only); ``mmap`` maps the tensors lazily
+    (files in the zip format; older ones are read whole)."""
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"SAM checkpoint not found: {path!r}. Download an official checkpoint "
@@ -246,7 +311,12 @@ def load_state_dict_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tenso
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a directory; pass the checkpoint file itself.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap or None)
+        except RuntimeError as e:
+            if not (mmap and "mmap" in str(e)):  # mmap needs the zip format
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Weights only load failed" in msg or "Unsupported global" in msg:
@@ -266,7 +336,7 @@ def load_state_dict_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tenso
             f"{_NOT_SAM.format(path=repr(path))}: torch.load could not read it ({first}). "
             "The file is probably truncated (re-download it) or not a PyTorch checkpoint."
         ) from None
-    return _unwrap_state_dict(obj, path)
+    return obj
 
 
 def _unwrap_state_dict(obj, path: str) -> Dict[str, torch.Tensor]:

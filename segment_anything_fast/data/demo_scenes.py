@@ -4,13 +4,14 @@ Scenes come from :func:`synthetic_coco.make_scene` with the long side equal to t
 ``image_size`` (COCO-like aspect ratios), so images need no resizing, only padding.
 The held-out set uses seeds that training never draws (``(seed, HELDOUT_OFFSET + i)``).
 """
-from typing import List, Sequence
+import os
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .coco_prompts import center_point, mask_iou
-from .synthetic_coco import COCO_LIKE_SIZES, Scene, make_scene
+from .synthetic_coco import COCO_LIKE_SIZES, Scene, make_scene, write_scenes_coco
 
 HELDOUT_OFFSET = 10_000_000
 
@@ -51,6 +52,37 @@ def one_thread_worker() -> None:
 def heldout_scenes(n: int, long_side: int, seed: int = 0) -> List[Scene]:
     """The fixed held-out set: ``n`` scenes no training step sees."""
     return [demo_scene((seed, HELDOUT_OFFSET + i), long_side) for i in range(n)]
+
+
+def write_heldout_coco(root: str, n: int, long_side: int, seed: int = 0,
+                       split: str = "val2017") -> str:
+    """Write ``heldout_scenes(n, long_side, seed)`` as a lossless COCO dataset under ``root``
+    (PNG, RLE): ``experiments/eval_combo.py`` on it measures what :func:`point_prompt_ious`
+    measures. Returns the annotation JSON path."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}.")
+    return write_scenes_coco(root, heldout_scenes(n, long_side, seed), split,
+                             f"demo held-out scenes: n={n}, long_side={long_side}, seed={seed}")
+
+
+def heldout_of_checkpoint(path) -> Tuple[int, int, int]:
+    """(n, long_side, seed) of the held-out set whose mIoU a ``scripts/train_demo.py``
+    checkpoint reports (its meta's heldout_scenes and seed, its config's image_size)."""
+    from ..build_sam import _read_checkpoint, _stored_config
+
+    path = os.fspath(path)
+    obj = _read_checkpoint(path, mmap=True)
+    cfg = _stored_config(obj, path)
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    try:
+        n, seed = int(meta["heldout_scenes"]), int(meta["seed"])
+    except (TypeError, KeyError, ValueError):
+        n = seed = None
+    if cfg is None or n is None:
+        raise ValueError(
+            f"{path!r} is not a scripts/train_demo.py checkpoint: it needs a 'config' entry and "
+            "a 'meta' entry with 'heldout_scenes' and 'seed'.")
+    return n, cfg.image_size, seed
 
 
 @torch.no_grad()

@@ -175,12 +175,12 @@ def mask_to_segmentation(mask: np.ndarray, kind: str, min_polygon_iou: float = 0
     return encode_rle(mask)
 
 
-def _write_image(img_dir, seed, size, image_format, num_objects, idx):
-    """Generate and save image ``idx``; returns its image record and annotations (no ids)."""
-    img_id = idx + 1
-    rng = np.random.default_rng([seed, idx, 1])
-    w, h = size if size is not None else COCO_LIKE_SIZES[int(rng.integers(len(COCO_LIKE_SIZES)))]
-    scene = make_scene([seed, idx], w, h, num_objects=num_objects)
+def _save_scene(img_dir, img_id, scene, image_format, rle_only=False):
+    """Write ``scene`` as image ``img_id``; returns its image record and annotations (no ids).
+
+    ``rle_only`` writes every mask as RLE (lossless) instead of polygons where they fit.
+    """
+    h, w = scene.image.shape[:2]
     file_name = f"{img_id:012d}.{image_format}"
     bgr = cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR)
     params = [cv2.IMWRITE_JPEG_QUALITY, 92] if image_format == "jpg" else []
@@ -192,12 +192,54 @@ def _write_image(img_dir, seed, size, image_format, num_objects, idx):
         anns.append({
             "image_id": img_id,
             "category_id": CATEGORIES.index(kind) + 1,
-            "segmentation": mask_to_segmentation(mask, kind),
+            "segmentation": encode_rle(mask) if rle_only else mask_to_segmentation(mask, kind),
             "area": float(mask_utils.area(rle)),
             "bbox": [float(v) for v in mask_utils.toBbox(rle)],
             "iscrowd": 0,
         })
     return {"id": img_id, "file_name": file_name, "width": w, "height": h}, anns
+
+
+def _write_image(img_dir, seed, size, image_format, num_objects, idx):
+    """Generate and save image ``idx`` (id ``idx + 1``)."""
+    rng = np.random.default_rng([seed, idx, 1])
+    w, h = size if size is not None else COCO_LIKE_SIZES[int(rng.integers(len(COCO_LIKE_SIZES)))]
+    scene = make_scene([seed, idx], w, h, num_objects=num_objects)
+    return _save_scene(img_dir, idx + 1, scene, image_format)
+
+
+def _dataset_dirs(root: str, split: str) -> Tuple[str, str]:
+    if not split or os.sep in split:
+        raise ValueError(f"split must be a plain folder name like 'val2017', got {split!r}.")
+    img_dir = os.path.join(root, split)
+    ann_dir = os.path.join(root, "annotations")
+    os.makedirs(img_dir, exist_ok=True)
+    os.makedirs(ann_dir, exist_ok=True)
+    return img_dir, ann_dir
+
+
+def _write_instances(ann_dir: str, split: str, results, description: str) -> str:
+    """Number the annotations of ``results`` ((image record, annotations) per image) and write
+    ``<ann_dir>/instances_<split>.json``; return its path."""
+    images, annotations = [], []
+    for info, anns in results:
+        images.append(info)
+        for a in anns:
+            annotations.append({"id": len(annotations) + 1, **a})
+    dataset = {
+        "info": {"description": description, "version": "1.0"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
+                       for i, n in enumerate(CATEGORIES)],
+    }
+    path = os.path.join(ann_dir, f"instances_{split}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dataset, f)
+    os.replace(tmp, path)
+    return path
 
 
 def write_coco_dataset(
@@ -222,38 +264,27 @@ def write_coco_dataset(
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}.")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}.")
-    if not split or os.sep in split:
-        raise ValueError(f"split must be a plain folder name like 'val2017', got {split!r}.")
-    img_dir = os.path.join(root, split)
-    ann_dir = os.path.join(root, "annotations")
-    os.makedirs(img_dir, exist_ok=True)
-    os.makedirs(ann_dir, exist_ok=True)
+    img_dir, ann_dir = _dataset_dirs(root, split)
     job = partial(_write_image, img_dir, seed, size, image_format, num_objects)
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             results = pool.map(job, range(num_images), chunksize=4)
     else:
         results = [job(idx) for idx in range(num_images)]
-    images, annotations = [], []
-    for info, anns in results:
-        images.append(info)
-        for a in anns:
-            annotations.append({"id": len(annotations) + 1, **a})
-    cat_ids = {name: i + 1 for i, name in enumerate(CATEGORIES)}
-    dataset = {
-        "info": {"description": f"segment_anything_fast synthetic COCO, seed {seed}",
-                 "version": "1.0"},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i, "name": n, "supercategory": "shape"} for n, i in cat_ids.items()],
-    }
-    path = os.path.join(ann_dir, f"instances_{split}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dataset, f)
-    os.replace(tmp, path)
-    return path
+    return _write_instances(ann_dir, split, results,
+                            f"segment_anything_fast synthetic COCO, seed {seed}")
+
+
+def write_scenes_coco(root: str, scenes: Sequence[Scene], split: str = "val2017",
+                      description: str = "segment_anything_fast scenes") -> str:
+    """Write given scenes losslessly (PNG images, RLE masks) as a COCO dataset under ``root``
+    (image ``i`` gets id ``i + 1``); return the JSON path. Evaluating the dataset sees exactly
+    the scenes' pixels and masks."""
+    if not scenes:
+        raise ValueError("scenes is empty: nothing to write.")
+    img_dir, ann_dir = _dataset_dirs(root, split)
+    results = [_save_scene(img_dir, i + 1, sc, "png", rle_only=True) for i, sc in enumerate(scenes)]
+    return _write_instances(ann_dir, split, results, description)
 
 
 def write_sample_image(path: str) -> Scene:

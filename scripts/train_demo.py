@@ -284,6 +284,14 @@ def main(argv=None):
     if step < args.steps:
         print(f"time budget reached after {step}/{args.steps} steps", flush=True)
     sam.eval()
+    # Measure what is shipped: the fp16-rounded weights, without TF32 convolutions, so that
+    # eval_combo on the exported held-out set (--heldout-of) reports the same number.
+    with torch.no_grad():
+        for t in sam.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     ious = point_prompt_ious(sam, heldout_scenes(args.heldout, cfg.image_size, args.seed))
     miou = float(ious.mean())
     meta = {"steps": step, "train_seconds": round(train_s, 1), "heldout_scenes": args.heldout,

@@ -181,7 +181,10 @@ class BucketedMaskDecoder(_Proxy):
         size = self._bucket(n)
         if n < size:
             sparse = torch.cat([sparse, sparse.new_zeros((size - n,) + tuple(sparse.shape[1:]))])
-            dense = torch.cat([dense, dense.new_zeros((size - n,) + tuple(dense.shape[1:]))])
+            if dense.shape[0] == 1 or dense.stride(0) == 0:  # one embedding for all: keep a broadcast
+                dense = dense[:1].expand(size, -1, -1, -1)
+            else:
+                dense = torch.cat([dense, dense.new_zeros((size - n,) + tuple(dense.shape[1:]))])
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         masks, iou = self._fn(image_embeddings, image_pe, sparse, dense, multimask_output)

@@ -81,10 +81,12 @@ def test_bucketed_decoder_pads_and_chunks():
         for n in (1, 3, 4, 7):
             sparse, dense = _prompts(ours, n, seed=n)
             ref_m, ref_i = orig.mask_decoder(emb, pe, sparse, dense, True)
-            m, i = dec(emb, pe, sparse, dense, True)
-            assert m.shape == ref_m.shape and i.shape == ref_i.shape
-            torch.testing.assert_close(m, ref_m, atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(i, ref_i, atol=1e-4, rtol=1e-4)
+            assert n == 1 or dense.stride(0) == 0  # no mask prompts: one shared dense embedding
+            for d in (dense, dense.contiguous()):  # padded as a broadcast / with zero rows
+                m, i = dec(emb, pe, sparse, d, True)
+                assert m.shape == ref_m.shape and i.shape == ref_i.shape
+                torch.testing.assert_close(m, ref_m, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(i, ref_i, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="same batch size"):
         dec(emb, pe, sparse, dense[:1], True)
 

@@ -319,3 +319,28 @@ def test_postprocess_masks_equals_original(pair, input_size, original_size):
     want = orig.postprocess_masks(low, input_size, original_size)
     assert got.shape == want.shape == (3, 2, *original_size)
     assert torch.equal(got, want)
+
+
+def test_mask_decoder_shares_the_image_side_across_prompts(pair, embeddings):
+    """Point/box prompts of one image (no mask prompt): layer 0 projects the image tokens once,
+    with the original's values; a materialised dense embedding takes the per-prompt path."""
+    ours, orig = pair
+    coords, labels, boxes, _ = _prompts()
+    with torch.no_grad():
+        sparse, dense = orig.prompt_encoder((coords, labels), boxes, None)
+        assert dense.stride(0) == 0 and sparse.shape[0] > 1
+        kw = dict(image_embeddings=embeddings[:1], image_pe=orig.prompt_encoder.get_dense_pe(),
+                  sparse_prompt_embeddings=sparse, multimask_output=True)
+        seen = []
+        layer0 = ours.mask_decoder.transformer.layers[0]
+        hook = layer0.cross_attn_token_to_image.k_proj.register_forward_hook(
+            lambda m, inp, out: seen.append(inp[0].shape[0]))
+        m1, i1 = ours.mask_decoder(dense_prompt_embeddings=dense, **kw)
+        m_dense, i_dense = ours.mask_decoder(dense_prompt_embeddings=dense.contiguous(), **kw)
+        hook.remove()
+        m2, i2 = orig.mask_decoder(dense_prompt_embeddings=dense, **kw)
+    assert seen == [1, sparse.shape[0]]
+    close(m1, m2)
+    close(i1, i2)
+    close(m1, m_dense)
+    close(i1, i_dense)

@@ -72,11 +72,15 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks and IoU predictions."""
+        dense = dense_prompt_embeddings
+        if image_embeddings.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
+            # One image and one dense embedding shared by all prompts (no mask prompts): the
+            # transformer computes the image side once (TwoWayTransformer.forward).
+            return self.predict_masks_per_prompt(image_embeddings, image_pe, sparse_prompt_embeddings, dense[:1])
         # Per-image tensors repeated for each prompt (repeat_interleave without a host sync).
         n = sparse_prompt_embeddings.shape[0]
         return self.predict_masks_per_prompt(
-            _repeat_each(image_embeddings, n), _repeat_each(image_pe, n),
-            sparse_prompt_embeddings, dense_prompt_embeddings,
+            _repeat_each(image_embeddings, n), _repeat_each(image_pe, n), sparse_prompt_embeddings, dense
         )
 
     def predict_masks_per_prompt(
@@ -86,8 +90,9 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Like :meth:`predict_masks` with one image embedding / PE row per prompt (N, C, h, w),
-        so prompts of several images go through one call (used in training)."""
+        """Like :meth:`predict_masks` with one image embedding / PE / dense row per prompt
+        (N, C, h, w), so prompts of several images go through one call (used in training), or
+        one row shared by all N prompts."""
         dtype = self.iou_token.weight.dtype
         sparse = sparse_prompt_embeddings.to(dtype)
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -95,13 +100,14 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat((out_tokens, sparse), dim=1)
         src = image_embeddings.to(dtype) + dense_prompt_embeddings.to(dtype)
         pos_src = image_pe.to(dtype)
-        b, c, h, w = src.shape
+        c, h, w = src.shape[1:]
 
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        b = tokens.shape[0]
+        upscaled = self.output_upscaling(src.expand(b, -1, -1).transpose(1, 2).reshape(b, c, h, w))
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,

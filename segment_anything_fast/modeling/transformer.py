@@ -44,7 +44,12 @@ class TwoWayTransformer(nn.Module):
     def forward(
         self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor
     ) -> Tuple[Tensor, Tensor]:
-        """(B, C, h, w) image, (B, C, h, w) PE, (B, N, C) tokens -> (tokens, image tokens)."""
+        """(B, C, h, w) image, (B, C, h, w) PE, (B, N, C) tokens -> (tokens, image tokens).
+
+        The image and PE may have batch 1 for B prompts of one image (no per-prompt dense
+        embedding): the image side is then computed once until it first depends on the
+        tokens, instead of B times (the same values as repeating it).
+        """
         keys = image_embedding.flatten(2).permute(0, 2, 1)
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries = point_embedding
@@ -131,8 +136,14 @@ class Attention(nn.Module):
         return x.transpose(1, 2).reshape(b, n, h * c)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Batch sizes may differ where one of them is 1 (broadcast, as in the original's matmul)."""
         q = self._separate_heads(self.q_proj(q), self.num_heads)
         k = self._separate_heads(self.k_proj(k), self.num_heads)
         v = self._separate_heads(self.v_proj(v), self.num_heads)
+        b = max(q.shape[0], k.shape[0])
+        if q.shape[0] != b:
+            q = q.expand(b, -1, -1, -1)
+        if k.shape[0] != b:
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
         return self.out_proj(self._recombine_heads(out))

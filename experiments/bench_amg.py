@@ -309,6 +309,8 @@ def build_parser():
                     help="our encoder attention backend (default triton on CUDA, sdpa on CPU)")
     ap.add_argument("--ours-regional", action="store_true", help="compile one block per kind (faster compile)")
     ap.add_argument("--ours-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--ours-postprocess-compile", default=None, choices=OURS_COMPILE,
+                    help="compile mode of ours' mask scoring (default: 'default' on CUDA, none on CPU)")
     ap.add_argument("--ours-points-per-batch", type=int, default=256)
     ap.add_argument("--peer-compile", default="default", choices=PEER_COMPILE,
                     help="the competitor's image-encoder compile mode (its builder uses max-autotune)")
@@ -354,6 +356,8 @@ def main(argv=None):
         args.ours_compile = "reduce-overhead" if dev.type == "cuda" else "none"
     if args.ours_decoder_compile is None:
         args.ours_decoder_compile = "default" if dev.type == "cuda" else "none"
+    if args.ours_postprocess_compile is None:
+        args.ours_postprocess_compile = "default" if dev.type == "cuda" else "none"
     meta = dict(gpu=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                 torch=torch.__version__, commit=bench_encoder.git_commit(args.commit),
                 device=str(dev), image=os.path.basename(args.image),
@@ -426,6 +430,8 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
             dtype, mode, ppb = "bfloat16", args.peer_compile, 64
         else:
             dtype, mode = args.ours_dtype, f"{args.ours_compile}/{attention}" + ("/regional" if args.ours_regional else "")
+            if args.ours_postprocess_compile != "none":
+                mode += f"/scoring-{args.ours_postprocess_compile}"
             ppb = args.ours_points_per_batch
         if time.time() - bench_encoder.T0 > args.budget_s:
             record(impl, dtype, mode, ppb, "skipped (time budget)")
@@ -459,7 +465,10 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
                         device=dev, regional=args.ours_regional,
                         decoder_compile_mode=none(args.ours_decoder_compile), decoder_buckets=(ppb,))
                 sam.load_state_dict(sd)
-            gen = Gen(sam, points_per_batch=ppb, **amg_kw)
+            extra = {}
+            if impl == "ours" and args.ours_postprocess_compile != "none":
+                extra["postprocess_compile_mode"] = args.ours_postprocess_compile
+            gen = Gen(sam, points_per_batch=ppb, **amg_kw, **extra)
             iters = args.orig_iters if (impl == "orig" and args.orig_iters is not None) else args.iters
             first, s, out = time_generate(gen, image, dev, args.warmup, iters)
             results[impl] = binary_masks(out)

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--fast", action="store_true",
                    help="CUDA only: build with build_sam_fast (bf16, fused attention, "
-                        "torch.compile); the first image includes compile time")
+                        "torch.compile) and compile the mask scoring; the first image includes "
+                        "compile time")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random weights when there is no --checkpoint (default 0)")
     p.add_argument("--convert-to-rle", action="store_true",
@@ -450,7 +451,7 @@ def _main(args, ctx: DistContext) -> int:
         sam, model_type = build_model(args, verbose=ctx.is_main)
         generator = SamAutomaticMaskGenerator(
             sam, output_mode="coco_rle" if args.convert_to_rle else "binary_mask",
-            **amg_kwargs(args))
+            postprocess_compile_mode="default" if args.fast else None, **amg_kwargs(args))
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
         setup_error = str(e)
     if setup_error is None:

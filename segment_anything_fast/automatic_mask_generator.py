@@ -56,6 +56,14 @@ def _near_crop_edge(boxes: torch.Tensor, crop_box: List[int], orig_size, atol: f
     return near
 
 
+def _mask_scores(model, low_res: torch.Tensor, input_size, image_size, offset: float):
+    """Stability scores and XYXY boxes of the full-resolution masks of (N, h, w) low-res
+    logits (the masks themselves are not returned)."""
+    masks = model.postprocess_masks(low_res.float()[:, None], input_size, image_size)[:, 0]
+    thr = model.mask_threshold
+    return calculate_stability_score(masks, thr, offset), batched_mask_to_box(masks > thr)
+
+
 class SamAutomaticMaskGenerator:
     """Generate masks for a whole image (see ``segment_anything.SamAutomaticMaskGenerator``).
 
@@ -67,6 +75,10 @@ class SamAutomaticMaskGenerator:
     If a batch of points runs out of GPU memory, the batch is halved and retried (with a
     warning); later batches keep the smaller size. ``generate_batch`` does the same with
     ``encoder_batch_size`` when the image encoder runs out of memory.
+
+    ``postprocess_compile_mode`` (not in the original; a ``torch.compile`` mode or None for
+    eager) compiles the per-batch scoring (upscale to full resolution, stability score, box),
+    so the full-resolution logits are fused into the reductions instead of being written out.
     """
 
     def __init__(
@@ -85,6 +97,7 @@ class SamAutomaticMaskGenerator:
         point_grids: Optional[List[np.ndarray]] = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        postprocess_compile_mode: Optional[str] = None,
     ) -> None:
         grids = validation.check_amg_params(
             points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
@@ -106,6 +119,11 @@ class SamAutomaticMaskGenerator:
             except ImportError as e:
                 raise ImportError("min_mask_region_area > 0 needs OpenCV: pip install opencv-python") from e
 
+        self._scores = _mask_scores
+        if postprocess_compile_mode is not None:
+            from .compile import compile_function
+
+            self._scores = compile_function(_mask_scores, postprocess_compile_mode)
         self.predictor = SamPredictor(model)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -345,16 +363,14 @@ class SamAutomaticMaskGenerator:
         low_res, iou = pred._predict_low_res(coords[:, None, :], labels[:, None], None, None, True)
         low_res = low_res.flatten(0, 1)
         iou = iou.flatten(0, 1).float()
-        masks = pred.model.postprocess_masks(low_res.float()[:, None], pred.input_size, im_size)[:, 0]
-
-        thr = pred.model.mask_threshold
+        stability, boxes = self._scores(
+            pred.model, low_res, tuple(pred.input_size), tuple(im_size), self.stability_score_offset
+        )
         keep = torch.ones_like(iou, dtype=torch.bool)
         if self.pred_iou_thresh > 0.0:
             keep &= iou > self.pred_iou_thresh
-        stability = calculate_stability_score(masks, thr, self.stability_score_offset)
         if self.stability_score_thresh > 0.0:
             keep &= stability >= self.stability_score_thresh
-        boxes = batched_mask_to_box(masks > thr)
         keep &= ~_near_crop_edge(boxes, crop_box, orig_size)
         return MaskData(
             low_res=low_res, iou_preds=iou, stability_score=stability, boxes=boxes, keep=keep,

@@ -41,6 +41,11 @@ def _compile_kwargs(mode: str, backend: str, fullgraph: bool) -> dict:
     return kw
 
 
+def compile_function(fn, mode: str, backend: str = "inductor"):
+    """``torch.compile`` of a plain function: whole graph, static shapes."""
+    return torch.compile(fn, **_compile_kwargs(mode, backend, fullgraph=True))
+
+
 def cast_model(sam: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Cast the three sub-networks to ``dtype`` in place (pixel mean/std stay float32)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -247,3 +247,17 @@ def test_generate_batch(models, layers, enc_bs):
         gen.generate_batch([imgs[0], np.zeros((5, 5, 4), np.uint8)])
     with pytest.raises(ValueError, match="encoder_batch_size must be >= 1"):
         gen.generate_batch(imgs, encoder_batch_size=0)
+
+
+def test_compiled_postprocess_gives_the_same_records(models):
+    """postprocess_compile_mode: the inductor-fused scoring keeps the original's output."""
+    ours, orig = models
+    img = _blocks(3)
+    kw = dict(BASE, crop_n_layers=0)
+    fast = SamAutomaticMaskGenerator(ours, postprocess_compile_mode="default", **kw)
+    assert fast._scores is not SamAutomaticMaskGenerator(ours, **kw)._scores
+    a = fast.generate(img)
+    _same_records(a, OrigAMG(orig, **kw).generate(img), "binary_mask")
+    assert len(a) >= 3
+    with pytest.raises(ValueError, match="compile mode"):
+        SamAutomaticMaskGenerator(ours, postprocess_compile_mode="fastest")

@@ -93,7 +93,8 @@ def test_bench_amg_cpu_smoke(tmp_path):
 
 def test_bench_amg_bad_flags(tmp_path):
     for argv in (["--impls", "orig,nope"], ["--impls", "peer"],
-                 ["--pred-iou-thresh", "0.5"], ["--iters", "-1"], ["--box-nms-thresh", "0"]):
+                 ["--pred-iou-thresh", "0.5"], ["--iters", "-1"], ["--box-nms-thresh", "0"],
+                 ["--ours-postprocess-compile", "fastest"]):
         with pytest.raises(SystemExit):
             bench_amg.main(["--device", "cpu", "--model-type", "tiny", "--out-dir", str(tmp_path)] + argv)
 

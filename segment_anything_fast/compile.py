@@ -42,8 +42,11 @@ def _compile_kwargs(mode: str, backend: str, fullgraph: bool) -> dict:
 
 
 def compile_function(fn, mode: str, backend: str = "inductor"):
-    """``torch.compile`` of a plain function: whole graph, static shapes."""
-    return torch.compile(fn, **_compile_kwargs(mode, backend, fullgraph=True))
+    """``torch.compile`` of a plain function, whole graph; static shapes first, then (on a
+    second shape) torch's automatic dynamic shapes, so new image sizes do not recompile."""
+    kw = _compile_kwargs(mode, backend, fullgraph=True)
+    kw["dynamic"] = None
+    return torch.compile(fn, **kw)
 
 
 def cast_model(sam: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

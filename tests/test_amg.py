@@ -259,5 +259,8 @@ def test_compiled_postprocess_gives_the_same_records(models):
     a = fast.generate(img)
     _same_records(a, OrigAMG(orig, **kw).generate(img), "binary_mask")
     assert len(a) >= 3
+    for h, w in ((90, 70), (64, 100)):  # other sizes: automatic dynamic shapes, same output
+        other = _blocks(4, h, w)
+        _same_records(fast.generate(other), OrigAMG(orig, **kw).generate(other), "binary_mask")
     with pytest.raises(ValueError, match="compile mode"):
         SamAutomaticMaskGenerator(ours, postprocess_compile_mode="fastest")

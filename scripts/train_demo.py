@@ -55,9 +55,8 @@ def dice_loss(logits, target, valid):
     return 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
 
 
-def make_item(seed, index, long_side):
-    """Training item (image tensor, mask tensor, center points) of scene ``(seed, index)``, or None."""
-    arrays = scene_arrays(seed, index, long_side)
+def as_item(arrays):
+    """Training item (image, masks, center points as tensors) of ``scene_arrays`` output, or None."""
     return None if arrays is None else tuple(torch.from_numpy(a) for a in arrays)
 
 
@@ -88,7 +87,7 @@ class ScenePool:
 
     def _make_next(self):
         self.next += 1
-        return make_item(self.seed, self.next - 1, self.long_side)
+        return as_item(scene_arrays(self.seed, self.next - 1, self.long_side))
 
     def _submit(self):
         self.next += 1
@@ -104,10 +103,10 @@ class ScenePool:
         for _ in range(self.max_swaps):  # bounded, so the training loop never waits on data
             if not (self.pending and self.pending[0].done()):
                 break
-            arrays = self.pending.pop(0).result()
+            item = as_item(self.pending.pop(0).result())
             self.pending.append(self._submit())
-            if arrays is not None:
-                self.items[int(rng.integers(len(self.items)))] = tuple(torch.from_numpy(a) for a in arrays)
+            if item is not None:
+                self.items[int(rng.integers(len(self.items)))] = item
 
     def close(self):
         if self.executor is not None:

@@ -363,9 +363,7 @@ class SamAutomaticMaskGenerator:
         low_res, iou = pred._predict_low_res(coords[:, None, :], labels[:, None], None, None, True)
         low_res = low_res.flatten(0, 1)
         iou = iou.flatten(0, 1).float()
-        stability, boxes = self._scores(
-            pred.model, low_res, tuple(pred.input_size), tuple(im_size), self.stability_score_offset
-        )
+        stability, boxes = self._scores(pred.model, low_res, pred.input_size, im_size, self.stability_score_offset)
         keep = torch.ones_like(iou, dtype=torch.bool)
         if self.pred_iou_thresh > 0.0:
             keep &= iou > self.pred_iou_thresh

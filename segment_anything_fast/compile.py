@@ -17,6 +17,7 @@ from torch import nn
 
 from .attention import check_backend
 from .modeling.image_encoder import Attention as EncoderAttention
+from .modeling.mask_decoder import is_shared_dense
 
 COMPILE_MODES = ("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default")
 DEFAULT_DECODER_BUCKETS = (1, 8, 32, 64, 128, 256)
@@ -189,7 +190,7 @@ class BucketedMaskDecoder(_Proxy):
         size = self._bucket(n)
         if n < size:
             sparse = torch.cat([sparse, sparse.new_zeros((size - n,) + tuple(sparse.shape[1:]))])
-            if dense.shape[0] == 1 or dense.stride(0) == 0:  # one embedding for all: keep a broadcast
+            if is_shared_dense(dense):  # keep it a broadcast (the decoder's shared-image path)
                 dense = dense[:1].expand(size, -1, -1, -1)
             else:
                 dense = torch.cat([dense, dense.new_zeros((size - n,) + tuple(dense.shape[1:]))])

@@ -73,8 +73,8 @@ class MaskDecoder(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks and IoU predictions."""
         dense = dense_prompt_embeddings
-        if image_embeddings.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
-            # One image and one dense embedding shared by all prompts (no mask prompts): the
+        if image_embeddings.shape[0] == 1 and is_shared_dense(dense):
+            # One image and one dense embedding for all prompts (no mask prompts): the
             # transformer computes the image side once (TwoWayTransformer.forward).
             return self.predict_masks_per_prompt(image_embeddings, image_pe, sparse_prompt_embeddings, dense[:1])
         # Per-image tensors repeated for each prompt (repeat_interleave without a host sync).
@@ -116,6 +116,12 @@ class MaskDecoder(nn.Module):
         masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred
+
+
+def is_shared_dense(dense: torch.Tensor) -> bool:
+    """Whether (N, C, h, w) dense prompt embeddings are one row for all N prompts (batch 1, or
+    a broadcast view such as the prompt encoder's no-mask embedding)."""
+    return dense.shape[0] == 1 or dense.stride(0) == 0
 
 
 def _repeat_each(x: torch.Tensor, n: int) -> torch.Tensor:

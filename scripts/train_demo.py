@@ -28,7 +28,7 @@ if REPO not in sys.path:
 
 from segment_anything_fast.build_sam import SamConfig, build_sam
 from segment_anything_fast.data.demo_scenes import (
-    heldout_scenes, one_thread_worker, point_prompt_ious, scene_arrays,
+    MAX_OBJECTS, heldout_scenes, one_thread_worker, point_prompt_ious, scene_arrays,
 )
 
 # 256 px input -> 16x16 tokens (windows of 8, two global blocks); fast enough for CPU inference.
@@ -55,82 +55,129 @@ def dice_loss(logits, target, valid):
     return 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
 
 
-def as_item(arrays):
-    """Training item (image, masks, center points as tensors) of ``scene_arrays`` output, or None."""
-    return None if arrays is None else tuple(torch.from_numpy(a) for a in arrays)
-
-
 class ScenePool:
-    """Pre-generated training scenes, refreshed on the go.
+    """Pre-generated training scenes held as padded tensors on the training device, so a step
+    samples images, flips and prompts without touching the CPU.
 
-    With ``workers`` > 0, new scenes are made in worker processes and swapped in as they finish
-    (fresh data for a fast GPU loop; which step sees which scene then depends on timing).
+    Slot ``i`` holds image (3, S, S) uint8, up to ``MAX_OBJECTS`` masks (S, S) bool, their center
+    points (x, y), the object count and the image's (h, w); padding is bottom-right, as
+    ``Sam.preprocess`` pads. With ``workers`` > 0 the scenes are made in worker processes (the
+    initial pool in parallel; later, fresh scenes swapped in as they finish, which makes the
+    run depend on timing); with 0, :meth:`refresh` makes one scene in the loop.
     """
 
-    def __init__(self, size, long_side, seed, workers=0, max_swaps=4):
+    def __init__(self, size, long_side, seed, workers=0, max_swaps=4, device="cpu"):
         self.long_side, self.seed, self.next, self.max_swaps = long_side, seed, 0, max_swaps
-        self.items = []
-        while len(self.items) < size:
-            item = self._make_next()
-            if item is not None:
-                self.items.append(item)
-        self.pending = []
-        self.executor = None
+        s, m = long_side, MAX_OBJECTS
+        self.images = torch.zeros(size, 3, s, s, dtype=torch.uint8, device=device)
+        self.masks = torch.zeros(size, m, s, s, dtype=torch.bool, device=device)
+        self.centers = torch.zeros(size, m, 2, device=device)
+        self.counts = torch.zeros(size, dtype=torch.long, device=device)
+        self.hw = torch.zeros(size, 2, dtype=torch.long, device=device)
+        self.executor, self.pending = None, []
         if workers:
             import concurrent.futures
             import multiprocessing
 
-            ctx = multiprocessing.get_context("spawn")
             self.executor = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=one_thread_worker)
-            self.pending = [self._submit() for _ in range(4 * workers)]
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=one_thread_worker)
+            self.pending = [self._submit() for _ in range(size + 4 * workers)]
+        filled = 0
+        while filled < size:
+            arrays = self._take() if self.executor else self._make_next()
+            if arrays is not None:
+                self._put(filled, arrays)
+                filled += 1
+
+    def __len__(self):
+        return self.images.shape[0]
 
     def _make_next(self):
         self.next += 1
-        return as_item(scene_arrays(self.seed, self.next - 1, self.long_side))
+        return scene_arrays(self.seed, self.next - 1, self.long_side)
 
     def _submit(self):
         self.next += 1
         return self.executor.submit(scene_arrays, self.seed, self.next - 1, self.long_side)
 
+    def _take(self):
+        """The oldest pending worker scene (waits for it), replaced by a new submission."""
+        arrays = self.pending.pop(0).result()
+        self.pending.append(self._submit())
+        return arrays
+
+    def _put(self, slot, arrays):
+        img, masks, centers = (torch.from_numpy(a) for a in arrays)
+        k, (h, w) = masks.shape[0], img.shape[-2:]
+        if k > MAX_OBJECTS:
+            raise ValueError(f"scene has {k} objects; the pool holds at most {MAX_OBJECTS}.")
+        self.images[slot].zero_()
+        self.images[slot, :, :h, :w] = img.to(self.images.device)
+        self.masks[slot].zero_()
+        self.masks[slot, :k, :h, :w] = masks.to(self.masks.device)
+        self.centers[slot, :k] = centers.to(self.centers.device)
+        self.counts[slot] = k
+        self.hw[slot, 0], self.hw[slot, 1] = h, w
+
     def refresh(self, rng):
-        """Replace a random item with the next scene, or up to ``max_swaps`` finished worker scenes."""
+        """Put the next scene (or up to ``max_swaps`` finished worker scenes) in random slots."""
         if self.executor is None:
-            item = self._make_next()
-            if item is not None:
-                self.items[int(rng.integers(len(self.items)))] = item
+            arrays = self._make_next()
+            if arrays is not None:
+                self._put(int(rng.integers(len(self))), arrays)
             return
         for _ in range(self.max_swaps):  # bounded, so the training loop never waits on data
             if not (self.pending and self.pending[0].done()):
                 break
-            item = as_item(self.pending.pop(0).result())
-            self.pending.append(self._submit())
-            if item is not None:
-                self.items[int(rng.integers(len(self.items)))] = item
+            arrays = self._take()
+            if arrays is not None:
+                self._put(int(rng.integers(len(self))), arrays)
+
+    def batch(self, n, gen):
+        """``n`` distinct random scenes, each flipped left-right (within its width) with p=0.5:
+        images (n, 3, S, S) uint8, masks (n, M, S, S), centers (n, M, 2), counts (n,), hw (n, 2)."""
+        dev = self.images.device
+        ids = torch.randperm(len(self), generator=gen, device=dev)[:n]
+        images, masks, centers = self.images[ids], self.masks[ids], self.centers[ids].clone()
+        counts, hw = self.counts[ids], self.hw[ids]
+        flip = torch.rand(n, generator=gen, device=dev) < 0.5
+        w = hw[:, 1:]
+        ar = torch.arange(self.long_side, device=dev)
+        col = torch.where(flip[:, None] & (ar < w), w - 1 - ar, ar)  # (n, S) source column
+        images = images.gather(-1, col[:, None, None].expand_as(images))
+        masks = masks.gather(-1, col[:, None, None].expand_as(masks))
+        centers[..., 0] = torch.where(flip[:, None], w - 1 - centers[..., 0], centers[..., 0])
+        return images, masks, centers, counts, hw
 
     def close(self):
         if self.executor is not None:
             self.executor.shutdown(cancel_futures=True)
 
 
-def sample_prompts(masks, centers, k, rng):
-    """Pick up to k objects; a point (random interior pixel, or the center 30%) and a noisy box each."""
-    n = masks.shape[0]
-    idx = rng.choice(n, size=min(k, n), replace=False)
-    pts, boxes = [], []
-    for i in idx:
-        ys, xs = torch.nonzero(masks[i], as_tuple=True)
-        if rng.random() < 0.3:
-            pts.append(centers[i].tolist())
-        else:
-            j = int(rng.integers(len(xs)))
-            pts.append([float(xs[j]), float(ys[j])])
-        x0, y0, x1, y1 = float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
-        bw, bh = x1 - x0, y1 - y0
-        noise = rng.normal(0, 1, 4) * np.array([bw, bh, bw, bh]) * 0.1
-        noise = np.clip(noise, -20, 20)
-        boxes.append([x0 + noise[0], y0 + noise[1], x1 + noise[2], y1 + noise[3]])
-    return torch.from_numpy(idx), torch.tensor(pts), torch.tensor(boxes, dtype=torch.float32)
+def sample_prompts(masks, centers, counts, k, gen):
+    """``k`` objects per image (drawn with replacement among its ``counts``), each with a point
+    (the center point with p=0.3, else a uniformly random pixel of the object) and a box (the
+    mask's tight box, each side moved by N(0, 0.1 x box side), clipped to +-20 px).
+    Returns gt masks (n*k, S, S), points (n*k, 2) and boxes (n*k, 4) as (x, y) pixels."""
+    n, dev, s = masks.shape[0], masks.device, masks.shape[-1]
+    obj = (torch.rand(n, k, generator=gen, device=dev) * counts[:, None]).long()
+    rows = torch.arange(n, device=dev)[:, None]
+    gt = masks[rows, obj].flatten(0, 1)
+    pix = torch.multinomial(gt.flatten(1).float(), 1, generator=gen)[:, 0]
+    rand_pt = torch.stack([pix % s, pix // s], dim=1).float()
+    use_center = torch.rand(n * k, 1, generator=gen, device=dev) < 0.3
+    pts = torch.where(use_center, centers[rows, obj].flatten(0, 1), rand_pt)
+    ar = torch.arange(s, device=dev, dtype=torch.float32)
+    cols, rws = gt.any(1), gt.any(2)
+    big = float(s)
+    x0 = torch.where(cols, ar, big).amin(1)
+    x1 = torch.where(cols, ar, -1.0).amax(1)
+    y0 = torch.where(rws, ar, big).amin(1)
+    y1 = torch.where(rws, ar, -1.0).amax(1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1)
+    side = torch.stack([x1 - x0, y1 - y0], dim=1).repeat(1, 2)
+    noise = (torch.randn(n * k, 4, generator=gen, device=dev) * side * 0.1).clamp(-20, 20)
+    return gt, pts, boxes + noise
 
 
 def mask_losses(sam, low, gt, valid):
@@ -152,38 +199,31 @@ def mask_losses(sam, low, gt, valid):
     return loss, iou
 
 
-def train_step(sam, batch, k, rng):
-    """batch: (image, masks, centers) on the CPU; returns the mean loss (on the model's device).
+def train_step(sam, batch, k, gen):
+    """batch: ``ScenePool.batch`` output on the model's device; returns the mean loss.
 
     The prompts of all images (a point, multimask, and a box, single mask, per sampled object)
-    go through one decoder call, so a step costs a few hundred kernel launches, not thousands.
+    go through one decoder call, and nothing waits on the host: a step is a few hundred kernel
+    launches.
     """
-    dev = sam.device
-    images = torch.stack([sam.preprocess(img.to(dev).float()) for img, _, _ in batch])
-    emb = sam.image_encoder(images)
-    prompts = [sample_prompts(masks, centers, k, rng) for _, masks, centers in batch]
-    counts = torch.tensor([len(idx) for idx, _, _ in prompts], device=dev)
-    pts = torch.cat([p for _, p, _ in prompts]).to(dev)
-    boxes = torch.cat([b for _, _, b in prompts]).to(dev)
-    labels = torch.ones(len(pts), 1, dtype=torch.int, device=dev)
+    images, masks, centers, counts, hw = batch
+    n, s = images.shape[0], images.shape[-1]
+    ar = torch.arange(s, device=images.device)
+    valid = (ar[None, :, None] < hw[:, :1, None]) & (ar[None, None, :] < hw[:, 1:, None])
+    x = (images.float() - sam.pixel_mean) / sam.pixel_std * valid[:, None]
+    emb = sam.image_encoder(x)
+    gt, pts, boxes = sample_prompts(masks, centers, counts, k, gen)
+    labels = torch.ones(len(pts), 1, dtype=torch.int, device=pts.device)
     sp_pts, dense = sam.prompt_encoder(points=(pts[:, None], labels), boxes=None, masks=None)
     sp_box, _ = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
-    per_prompt = emb.repeat_interleave(counts, dim=0, output_size=len(pts))
+    per_prompt = emb.repeat_interleave(k, dim=0)
     pe = sam.prompt_encoder.get_dense_pe().expand(2 * len(pts), -1, -1, -1)
     low, iou_pred = sam.mask_decoder.predict_masks_per_prompt(
         torch.cat([per_prompt, per_prompt]), pe, torch.cat([sp_pts, sp_box]),
         torch.cat([dense, dense]),
     )
-    n_pts, size = len(pts), sam.image_encoder.img_size
-    gt = torch.zeros(n_pts, size, size, dtype=torch.bool)
-    valid = torch.zeros(n_pts, size, size, dtype=torch.bool)
-    start = 0
-    for (img, masks, _), (idx, _, _) in zip(batch, prompts):
-        h, w = img.shape[-2:]
-        gt[start:start + len(idx), :h, :w] = masks[idx]
-        valid[start:start + len(idx), :h, :w] = True
-        start += len(idx)
-    gt, valid = gt.to(dev, non_blocking=True), valid.to(dev, non_blocking=True)
+    n_pts = len(pts)
+    valid = valid.repeat_interleave(k, dim=0)
     total = 0.0
     for low_k, iou_k in ((low[:n_pts, 1:], iou_pred[:n_pts, 1:]), (low[n_pts:, :1], iou_pred[n_pts:, :1])):
         loss, iou = mask_losses(sam, low_k.float(), gt, valid)
@@ -223,6 +263,10 @@ def main(argv=None):
     for name in ("steps", "batch", "prompts", "pool", "refresh_every", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1.")
+    if args.workers < 0:
+        p.error("--workers must be >= 0.")
+    if args.batch > args.pool:
+        p.error(f"--batch {args.batch} is larger than --pool {args.pool}; a batch takes distinct scenes.")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         p.error(f"--out: directory {out_dir!r} does not exist.")
@@ -233,9 +277,8 @@ def main(argv=None):
     device = torch.device(args.device)
     sam = build_sam(cfg).to(device).train()
     t0 = time.time()
-    if args.workers < 0:
-        p.error("--workers must be >= 0.")
-    pool = ScenePool(args.pool, cfg.image_size, args.seed, args.workers)
+    pool = ScenePool(args.pool, cfg.image_size, args.seed, args.workers, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     print(f"generated {args.pool} scenes in {time.time() - t0:.0f}s; "
           f"{sum(p.numel() for p in sam.parameters()) / 1e6:.2f}M parameters", flush=True)
     opt = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.999))
@@ -255,17 +298,9 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     step, avg = 0, None
     while step < args.steps and time.time() - t_train < args.minutes * 60:
-        ids = rng.choice(len(pool.items), size=args.batch, replace=False)
-        batch = []
-        for i in ids:
-            img, masks, centers = pool.items[int(i)]
-            if rng.random() < 0.5:  # horizontal flip
-                img, masks = img.flip(-1), masks.flip(-1)
-                centers = centers.clone()
-                centers[:, 0] = img.shape[-1] - 1 - centers[:, 0]
-            batch.append((img, masks, centers))
+        batch = pool.batch(args.batch, gen)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            loss = train_step(sam, batch, args.prompts, rng)
+            loss = train_step(sam, batch, args.prompts, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)

@@ -24,7 +24,7 @@ from segment_anything_fast.data.demo_scenes import (  # noqa: E402
     heldout_of_checkpoint, heldout_scenes, point_prompt_ious,
 )
 
-SEED, HELDOUT = 0, 3
+SEED, HELDOUT = 1, 3
 
 
 def _script(name):
@@ -42,7 +42,7 @@ def demo(tmp_path_factory):
     ckpt, root = str(d / "demo.pt"), str(d / "heldout")
     with contextlib.redirect_stdout(io.StringIO()):
         assert _script("train_demo").main([
-            "--steps", "3", "--pool", "3", "--batch", "2", "--prompts", "2", "--lr", "3e-3",
+            "--steps", "3", "--pool", "3", "--batch", "2", "--prompts", "2", "--lr", "1e-2",
             "--heldout", str(HELDOUT), "--seed", str(SEED), "--out", ckpt]) == 0
         _script("make_synthetic_coco").main(["--output", root, "--heldout-of", ckpt])
     return ckpt, root, torch.load(ckpt, weights_only=True)

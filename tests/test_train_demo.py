@@ -43,7 +43,7 @@ def test_bad_arguments_are_refused(tmp_path):
 
 
 def test_worker_pool_swaps_in_fresh_scenes():
-    """--workers: scenes made in worker processes replace pool items, at most max_swaps a call."""
+    """--workers: scenes made in worker processes replace pool slots, at most max_swaps a call."""
     import time
 
     import numpy as np
@@ -51,17 +51,46 @@ def test_worker_pool_swaps_in_fresh_scenes():
     td = _script()
     pool = td.ScenePool(3, 64, seed=0, workers=1, max_swaps=2)
     try:
-        first = [item[0].clone() for item in pool.items]
+        first = pool.images.clone()
         start = pool.next
         deadline = time.time() + 60
         while pool.next == start and time.time() < deadline:
             time.sleep(0.2)
             pool.refresh(np.random.default_rng(0))
         assert pool.next - start in (1, 2)  # each swapped-in scene submits one new one
-        img, masks, centers = pool.items[0]
-        assert img.dtype == torch.uint8 and img.shape[0] == 3 and masks.dtype == torch.bool
-        assert centers.shape == (masks.shape[0], 2)
-        assert any(not torch.equal(a[0], b) for a, b in zip(pool.items, first) if a[0].shape == b.shape) \
-            or any(a[0].shape != b.shape for a, b in zip(pool.items, first))
+        assert not torch.equal(pool.images, first)
+        assert pool.images.dtype == torch.uint8 and pool.masks.dtype == torch.bool
     finally:
         pool.close()
+
+
+def test_pool_batches_and_prompts_are_consistent():
+    """Flips act within each image's width on image, masks and centers alike; every point lies
+    in its object's mask; boxes (before noise) are the masks' tight boxes."""
+    td = _script()
+    pool = td.ScenePool(4, 96, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    flipped = 0
+    for _ in range(6):
+        images, masks, centers, counts, hw = pool.batch(4, gen)
+        for b in range(4):
+            slot = next(i for i in range(4) if torch.equal(pool.hw[i], hw[b]) and pool.counts[i] == counts[b]
+                        and (torch.equal(pool.masks[i], masks[b]) or torch.equal(
+                            pool.masks[i, :, :, :hw[b, 1]].flip(-1), masks[b, :, :, :hw[b, 1]])))
+            h, w = hw[b].tolist()
+            if not torch.equal(pool.images[slot], images[b]):
+                flipped += 1
+                assert torch.equal(pool.images[slot, :, :, :w].flip(-1), images[b, :, :, :w])
+                assert torch.equal(pool.centers[slot, :counts[b], 0], w - 1 - centers[b, :counts[b], 0])
+            assert not masks[b, :, h:].any() and not masks[b, :, :, w:].any()
+            for j in range(int(counts[b])):
+                x, y = centers[b, j].long().tolist()
+                assert masks[b, j, y, x]
+        gt, pts, boxes = td.sample_prompts(masks, centers, counts, 5, gen)
+        assert gt.shape == (20, 96, 96) and gt.flatten(1).any(1).all()
+        assert gt[torch.arange(20), pts[:, 1].long(), pts[:, 0].long()].all()
+        ys, xs = torch.nonzero(gt[0], as_tuple=True)
+        tight = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
+        side = (tight[2:] - tight[:2]).repeat(2)
+        assert ((boxes[0] - tight).abs() <= torch.minimum(side * 0.6, torch.tensor(20.0)) + 1e-4).all()
+    assert 0 < flipped < 24

@@ -14,6 +14,8 @@ from .coco_prompts import center_point, mask_iou
 from .synthetic_coco import COCO_LIKE_SIZES, Scene, make_scene, write_scenes_coco
 
 HELDOUT_OFFSET = 10_000_000
+DEMO_OBJECTS = (3, 10)  # shapes drawn per scene (inclusive); occlusion can only drop some
+MAX_OBJECTS = DEMO_OBJECTS[1]
 
 
 def scene_size(rng: np.random.Generator, long_side: int):
@@ -26,7 +28,7 @@ def scene_size(rng: np.random.Generator, long_side: int):
 def demo_scene(seed: Sequence[int], long_side: int, min_area: int = 60) -> Scene:
     """One scene whose size depends only on ``seed``."""
     w, h = scene_size(np.random.default_rng([*seed, 7]), long_side)
-    return make_scene(seed, w, h, num_objects=(3, 10), min_area=min_area)
+    return make_scene(seed, w, h, num_objects=DEMO_OBJECTS, min_area=min_area)
 
 
 def scene_arrays(seed: int, index: int, long_side: int):

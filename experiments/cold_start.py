@@ -49,7 +49,7 @@ def child(args):
 
         sam = build_sam_fast(args.model_type, args.checkpoint, dtype=dtype, attention=args.attention,
                              batch_size=args.batch_size, device=args.device,
-                             decoder_compile_mode=None)
+                             compile_mode=args.compile_mode, decoder_compile_mode=None)
         t_build = time.perf_counter()
     t_ready = t_build  # the compile children compile during the first mask
     rng = np.random.default_rng(0)
@@ -111,10 +111,15 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--attention", default="flex")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compile-mode", default="max-autotune",
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode of the compile_cold/compile_warm children (default "
+                         "max-autotune); pair it with --export-args=--no-max-autotune for a like-for-like package")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
     ap.add_argument("--export-args", default="", help="extra arguments for export_package.py")
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--commit", default="", help="git commit of the code (when .git is absent)")
     ap.add_argument("--output", help="write the results as JSON here")
     ap.add_argument("--child", choices=["package", "compile"], help=argparse.SUPPRESS)
     ap.add_argument("--package", help=argparse.SUPPRESS)
@@ -125,6 +130,8 @@ def main():
         return child(args)
 
     os.makedirs(args.workdir, exist_ok=True)
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from bench_encoder import git_commit
     ckpt = args.checkpoint
     if ckpt is None:
         ckpt = os.path.join(args.workdir, f"random_{args.model_type}.pth")
@@ -139,10 +146,11 @@ def main():
     cache = os.path.join(args.workdir, "cache")
     common = ["--model-type", args.model_type, "--checkpoint", ckpt, "--batch-size", str(args.batch_size),
               "--dtype", args.dtype, "--attention", args.attention, "--device", args.device]
-    me = [sys.executable, os.path.abspath(__file__)] + common + ["--workdir", args.workdir,
-                                                                "--iters", str(args.iters)]
+    me = [sys.executable, os.path.abspath(__file__)] + common + [
+        "--workdir", args.workdir, "--iters", str(args.iters), "--compile-mode", args.compile_mode]
     results = {"model_type": args.model_type, "batch_size": args.batch_size, "dtype": args.dtype,
-               "attention": args.attention}
+               "attention": args.attention, "compile_mode": args.compile_mode,
+               "export_args": args.export_args, "git_commit": git_commit(args.commit)}
     if "export" in args.steps:
         results["export"] = spawn([sys.executable, os.path.join(ROOT, "scripts", "export_package.py")]
                                   + common + ["--output", package] + args.export_args.split(), args.timeout)

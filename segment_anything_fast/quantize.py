@@ -153,8 +153,9 @@ def _check_calibration(calibration, mode: str, encoder: nn.Module) -> None:
 
 class FlatInputLinear(nn.Linear):
     """``nn.Linear`` that hands its weight a 2-D (tokens, features) input and restores the
-    leading dims after. torchao 0.18's fp8 2:4 linear squeezes the activation scale on dim 1,
-    which is only right for 2-D inputs; the encoder feeds (B, H, W, C)."""
+    leading dims after. The encoder feeds (B, H, W, C); the 2:4 weights need 2-D inputs:
+    torchao 0.18's fp8 2:4 linear squeezes the activation scale on dim 1, and dynamo (torch 2.11)
+    cannot trace a 4-D input through a ``SparseSemiStructuredTensor`` weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x.reshape(-1, x.shape[-1]))
@@ -221,11 +222,10 @@ def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor]
             x = calibration.to(device=device, dtype=dtype)
             norms = input_channel_norms(encoder, encoder_linear_filter, lambda: encoder(x))
         prune_linears_2_4_(encoder, encoder_linear_filter, norms)
+        flatten_linear_inputs_(encoder, encoder_linear_filter)
     if mode == "sparse_2_4":
         to_semi_structured_(encoder, encoder_linear_filter)
     else:
-        if mode == "fp8_sparse_2_4":
-            flatten_linear_inputs_(encoder, encoder_linear_filter)
         q.quantize_(encoder, _torchao_config(q, mode), filter_fn=encoder_linear_filter)
     return model
 

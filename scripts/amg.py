@@ -11,8 +11,10 @@ is complete. Unreadable images are reported and skipped; the exit status is 1 if
 Under torchrun each rank (one per GPU, cuda:LOCAL_RANK) processes a disjoint shard of the
 images and writes their outputs itself; rank 0 prints the summary and the failures of all ranks.
 
-Example (no download; random weights unless --checkpoint is given):
-  python scripts/amg.py --output out/ --overlay
+Example (no download): the bundled demo model (a small SAM trained on generated shapes) on
+the bundled generated scene; without --checkpoint the model has random weights:
+  python scripts/amg.py --checkpoint demo --output out/ --overlay --points-per-side 16 \
+      --pred-iou-thresh 0.6 --stability-score-thresh 0.8
   torchrun --nproc-per-node 2 scripts/amg.py --input images/ --output out/ --checkpoint sam.pth
 """
 import argparse
@@ -38,9 +40,12 @@ from segment_anything_fast.distributed import (  # noqa: E402
     DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, print_failure,
     shard,
 )
+from segment_anything_fast.build_sam import resolve_checkpoint  # noqa: E402
 from segment_anything_fast.validation import check_output_path, explain_os_error  # noqa: E402
 
-SAMPLE_IMAGE = os.path.join(os.path.dirname(segment_anything_fast.__file__), "assets", "sample.png")
+# A generated scene of the demo model's training kind (data.demo_scenes.write_demo_image).
+SAMPLE_IMAGE = os.path.join(os.path.dirname(segment_anything_fast.__file__), "assets",
+                            "demo_scene.jpg")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pbm",
               ".pgm", ".ppm")
 # tiny: SAM_CONFIGS["tiny"]; auto: the config stored in --checkpoint, else its official type
@@ -69,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=SAMPLE_IMAGE,
                    help="an image, or a folder searched recursively for "
                         f"{'/'.join(e[1:] for e in IMAGE_EXTS[:7])}... images "
-                        "(default: the bundled sample image)")
+                        "(default: the bundled generated scene assets/demo_scene.jpg)")
     p.add_argument("--output", required=True,
                    help="folder for the results (created if missing)")
     p.add_argument("--model-type", default=None,
@@ -78,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "official type its weights match), vit_b without (quick demo); tiny is the "
                         "test-sized model")
     p.add_argument("--checkpoint", default=None,
-                   help="SAM checkpoint file; without it the model has RANDOM weights and the "
-                        "masks are meaningless (the run only demonstrates the pipeline)")
+                   help="SAM checkpoint file, or 'demo': the bundled demo model (3.8M "
+                        "parameters, trained on generated shapes only); without it the model has "
+                        "RANDOM weights and the masks are meaningless (the run only demonstrates "
+                        "the pipeline)")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--fast", action="store_true",
@@ -269,7 +276,7 @@ def write_file_atomic(final: str, data: bytes) -> None:
 
 def overlay_image(image: np.ndarray, masks: List[np.ndarray], alpha: float = 0.5) -> np.ndarray:
     """BGR uint8 image with each mask in its own colour (largest first) and its outline."""
-    out = image[..., ::-1].astype(np.float32)
+    out = np.ascontiguousarray(image[..., ::-1], dtype=np.float32)  # cv2 needs C order
     rng = np.random.default_rng(0)
     order = sorted(range(len(masks)), key=lambda i: -int(masks[i].sum()))
     colors = rng.integers(40, 256, size=(max(len(masks), 1), 3))
@@ -306,8 +313,9 @@ def build_model(args, verbose: bool = True):
         torch.manual_seed(args.seed)
     if args.checkpoint is None and verbose:
         print(f"NOTE: no --checkpoint: using {model_type} with RANDOM weights (seed {args.seed}); "
-              "the masks show the pipeline, not real segmentations. Download a SAM checkpoint "
-              "and pass --checkpoint for meaningful masks.", file=sys.stderr)
+              "the masks show the pipeline, not real segmentations. Pass --checkpoint demo (the "
+              "bundled demo model, generated shapes only) or a downloaded SAM checkpoint for "
+              "meaningful masks.", file=sys.stderr)
     if args.fast:
         from segment_anything_fast.build_sam_fast import build_sam_fast
 
@@ -416,6 +424,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--fast needs a CUDA device (bf16 + compiled kernels); drop --fast on CPU")
     if args.batch_images < 1:
         parser.error(f"--batch-images must be >= 1, got {args.batch_images}")
+    try:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+    except FileNotFoundError as e:
+        parser.error(f"--checkpoint: {e}")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
     if args.model_type == "auto" and args.checkpoint is None:

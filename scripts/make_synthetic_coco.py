@@ -43,7 +43,8 @@ def main(argv=None):
     p.add_argument("--output", required=True,
                    help="dataset root; writes <output>/<split>/ and <output>/annotations/instances_<split>.json")
     p.add_argument("--heldout-of", metavar="CHECKPOINT", default=None,
-                   help="write the held-out scenes of this scripts/train_demo.py checkpoint (its "
+                   help="write the held-out scenes of this scripts/train_demo.py checkpoint ("
+                        "'demo': the bundled one; its "
                         "meta's count and seed, its config's image size) instead of random ones; "
                         "excludes --num-images, --seed, --format, --size, --objects")
     p.add_argument("--num-images", type=int, default=None, help="number of images (default 100)")
@@ -65,10 +66,11 @@ def main(argv=None):
         given = [f"--{f.replace('_', '-')}" for f in random_flags if getattr(args, f) is not None]
         if given:
             p.error(f"--heldout-of takes the scenes from the checkpoint; drop {', '.join(given)}")
+        from segment_anything_fast.build_sam import resolve_checkpoint
         from segment_anything_fast.data.demo_scenes import heldout_of_checkpoint, write_heldout_coco
 
         try:
-            n, long_side, seed = heldout_of_checkpoint(args.heldout_of)
+            n, long_side, seed = heldout_of_checkpoint(resolve_checkpoint(args.heldout_of))
             path = write_heldout_coco(args.output, n, long_side, seed, split=args.split)
         except (ValueError, FileNotFoundError) as e:
             p.error(f"--heldout-of: {e}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a small SAM (our modules, DEMO_CONFIG below) on generated scenes.
+"""Train a small SAM (our modules, SAM_CONFIGS["demo"]) on generated scenes.
 
 Point prompts (a random interior pixel or the center point; multimask output, loss on the
 best of the three masks) and noisy box prompts (single-mask output), the SAM losses
@@ -26,18 +26,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from segment_anything_fast.build_sam import SamConfig, build_sam
+from segment_anything_fast.build_sam import SAM_CONFIGS, build_sam
 from segment_anything_fast.data.demo_scenes import (
     MAX_OBJECTS, heldout_scenes, one_thread_worker, point_prompt_ious, scene_arrays,
 )
 
-# 256 px input -> 16x16 tokens (windows of 8, two global blocks); fast enough for CPU inference.
-DEMO_CONFIG = SamConfig(
-    encoder_embed_dim=192, encoder_depth=6, encoder_num_heads=6, encoder_global_attn_indexes=(2, 5),
-    image_size=256, patch_size=16, window_size=8, prompt_embed_dim=128, mask_in_chans=16,
-    decoder_depth=2, decoder_mlp_dim=512, decoder_num_heads=4, iou_head_depth=3,
-    iou_head_hidden_dim=128,
-)
+DEMO_CONFIG = SAM_CONFIGS["demo"]  # its trained weights ship as build_sam.DEMO_CHECKPOINT
 
 
 def focal_loss(logits, target, valid, alpha=0.25, gamma=2.0):

@@ -89,9 +89,23 @@ SAM_CONFIGS: Dict[str, SamConfig] = {
         prompt_embed_dim=32, mask_in_chans=16, decoder_depth=2, decoder_mlp_dim=64,
         decoder_num_heads=2, iou_head_depth=3, iou_head_hidden_dim=32,
     ),
+    # The demo model of scripts/train_demo.py (3.8M parameters): 256 px input -> 16x16 tokens,
+    # windows of 8, two global blocks; fast enough for CPU inference. Its trained weights are
+    # bundled (DEMO_CHECKPOINT, sam_model_registry["demo"]).
+    "demo": SamConfig(
+        encoder_embed_dim=192, encoder_depth=6, encoder_num_heads=6,
+        encoder_global_attn_indexes=(2, 5), image_size=256, patch_size=16, window_size=8,
+        prompt_embed_dim=128, mask_in_chans=16, decoder_depth=2, decoder_mlp_dim=512,
+        decoder_num_heads=4, iou_head_depth=3, iou_head_hidden_dim=128,
+    ),
 }
 OFFICIAL_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
 AUTO = "auto"  # build_sam config: the checkpoint's stored config, else its official type
+
+# Weights of SAM_CONFIGS["demo"] trained by scripts/train_demo.py on generated scenes, shipped
+# with the package (package_data). Not an official SAM: it only knows synthetic shapes.
+DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "sam_demo.pt")
+BUNDLED_CHECKPOINTS = {"demo": DEMO_CHECKPOINT}
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -132,7 +146,9 @@ def build_sam(
     """Build a SAM model in eval mode.
 
     Args:
-        config: "vit_h" / "vit_l" / "vit_b" / "default", "tiny" (test-sized), a
+        config: "vit_h" / "vit_l" / "vit_b" / "default", "tiny" (test-sized), "demo" (the
+            bundled demo model's architecture; random weights like every name here: load its
+            weights with ``build_sam_demo()`` or ``checkpoint=DEMO_CHECKPOINT``), a
             :class:`SamConfig` (small models), or "auto": the architecture stored in the
             checkpoint's "config" entry (see :func:`checkpoint_config`), else the official type
             its weights' shapes match.
@@ -254,12 +270,45 @@ def build_sam_vit_b(checkpoint=None, *, attention: str = "math") -> Sam:
     return build_sam("vit_b", checkpoint, attention=attention)
 
 
+def build_sam_demo(checkpoint=None, *, attention: str = "math") -> Sam:
+    """The small demo model (``SAM_CONFIGS["demo"]``) with the bundled trained weights, or
+    those of ``checkpoint`` (e.g. your own ``scripts/train_demo.py`` run). Not an official SAM:
+    it segments generated shapes like those of ``data/demo_scenes.py``."""
+    return build_sam("demo", demo_weights(checkpoint), attention=attention)
+
+
+def demo_weights(checkpoint=None) -> str:
+    """The weights file of the demo builders: ``checkpoint``, by default the bundled one."""
+    return resolve_checkpoint("demo" if checkpoint is None else checkpoint)
+
+
 sam_model_registry = {
     "default": build_sam_vit_h,
     "vit_h": build_sam_vit_h,
     "vit_l": build_sam_vit_l,
     "vit_b": build_sam_vit_b,
+    "demo": build_sam_demo,
 }
+
+
+def resolve_checkpoint(path_or_name):
+    """A checkpoint argument as a file path: a name of ``BUNDLED_CHECKPOINTS`` ("demo") is
+    the file shipped with the package; anything else (None included) is returned unchanged
+    (a local file literally named "demo" is reached as "./demo").
+
+    Raises FileNotFoundError, saying how to fix it, when the bundled file is missing from
+    the install.
+    """
+    if not isinstance(path_or_name, str) or path_or_name not in BUNDLED_CHECKPOINTS:
+        return path_or_name
+    path = BUNDLED_CHECKPOINTS[path_or_name]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"The bundled {path_or_name!r} checkpoint is missing: {path!r} does not exist. "
+            "The package was installed without its assets; reinstall it from the repository "
+            "(pip install -e .) or pass the path of a checkpoint file instead."
+        )
+    return path
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .attention import check_backend
-from .build_sam import SamConfig, build_sam
+from .build_sam import SamConfig, build_sam, demo_weights
 from .compile import DEFAULT_DECODER_BUCKETS, make_fast
 
 
@@ -45,7 +45,9 @@ def build_sam_fast(
     """Build SAM for fast inference.
 
     Args:
-        config: "vit_h" / "vit_l" / "vit_b" / "default" or a :class:`SamConfig`.
+        config: a name of ``SAM_CONFIGS`` ("vit_h" / "vit_l" / "vit_b" / "default", "demo",
+            ...) or a :class:`SamConfig`; a name alone gives random weights (the bundled demo
+            weights: ``sam_model_fast_registry["demo"]()``).
         checkpoint: optional state-dict file (official SAM checkpoints load as is).
         dtype: weights and activations dtype (None keeps float32).
         attention: image-encoder attention backend: "triton" (our fused rel-pos kernel, CUDA
@@ -115,9 +117,15 @@ def build_sam_fast_vit_b(checkpoint=None, **kwargs):
     return build_sam_fast("vit_b", checkpoint, **kwargs)
 
 
+def build_sam_fast_demo(checkpoint=None, **kwargs):
+    """The demo model (``SAM_CONFIGS["demo"]``), by default with the bundled trained weights."""
+    return build_sam_fast("demo", demo_weights(checkpoint), **kwargs)
+
+
 sam_model_fast_registry = {
     "default": build_sam_fast_vit_h,
     "vit_h": build_sam_fast_vit_h,
     "vit_l": build_sam_fast_vit_l,
     "vit_b": build_sam_fast_vit_b,
+    "demo": build_sam_fast_demo,
 }

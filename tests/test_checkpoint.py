@@ -104,7 +104,7 @@ def test_official_key_sets_on_meta(name):
 
 
 def test_registry_names():
-    assert set(sam_model_registry) == {"default", "vit_h", "vit_l", "vit_b"}
+    assert set(sam_model_registry) == {"default", "vit_h", "vit_l", "vit_b", "demo"}
     assert sam_model_registry["default"] is sam_model_registry["vit_h"]
 
 

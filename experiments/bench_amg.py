@@ -201,8 +201,17 @@ def survivors(iou, stab, boxes, t_iou, t_stab, nms_thresh=0.7) -> int:
     return int(len(k))
 
 
+def below_gap(scores: torch.Tensor, t: float) -> float:
+    """``t`` moved down to the middle of the gap between it and the next lower distinct score,
+    so no candidate sits at the threshold: bf16 rounding of a score (random weights saturate
+    predicted IoU and stability at ~1.0) then does not decide whether it passes."""
+    lower = scores[scores < t]
+    return t if lower.numel() == 0 else (t + float(lower.max())) / 2
+
+
 def choose_thresholds(iou, stab, boxes, target: int, target_candidates: int, nms_thresh: float = 0.7):
-    """Both thresholds the q-quantile of the candidates' scores (the IoU one clipped to [0, 1]).
+    """Both thresholds the q-quantile of the candidates' scores (the IoU one clipped to [0, 1]),
+    each then moved into the gap below it (:func:`below_gap`).
 
     q gives the survivor count (after NMS) closest to ``target`` (ties: the larger q). When no
     q leaves even half of ``target`` (random weights: masks cover most of the image, so box
@@ -212,8 +221,8 @@ def choose_thresholds(iou, stab, boxes, target: int, target_candidates: int, nms
     grid = np.concatenate([np.arange(0.0, 0.95, 0.025), np.arange(0.95, 0.999, 0.005)])
     cands = []
     for q in grid:
-        t_iou = float(np.clip(torch.quantile(iou, float(q)).item(), 0.0, 1.0))
-        t_stab = float(torch.quantile(stab, float(q)).item())
+        t_iou = below_gap(iou, float(np.clip(torch.quantile(iou, float(q)).item(), 0.0, 1.0)))
+        t_stab = below_gap(stab, float(torch.quantile(stab, float(q)).item()))
         passing = int(passes(iou, stab, t_iou, t_stab).sum())
         cands.append((t_iou, t_stab, float(q), survivors(iou, stab, boxes, t_iou, t_stab, nms_thresh), passing))
     best_n = max(c[3] for c in cands)

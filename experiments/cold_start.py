@@ -94,7 +94,7 @@ def spawn(cmd, timeout):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     res = {"process_wall_s": round(wall, 2)}  # whole child, throughput loop included
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -146,35 +146,46 @@ def main():
     cache = os.path.join(args.workdir, "cache")
     common = ["--model-type", args.model_type, "--checkpoint", ckpt, "--batch-size", str(args.batch_size),
               "--dtype", args.dtype, "--attention", args.attention, "--device", args.device]
-    me = [sys.executable, os.path.abspath(__file__)] + common + [
+    python = [sys.executable, "-X", "faulthandler"]  # a crashing child prints its Python stack
+    me = python + [os.path.abspath(__file__)] + common + [
         "--workdir", args.workdir, "--iters", str(args.iters), "--compile-mode", args.compile_mode]
     results = {"model_type": args.model_type, "batch_size": args.batch_size, "dtype": args.dtype,
                "attention": args.attention, "compile_mode": args.compile_mode,
                "export_args": args.export_args, "git_commit": git_commit(args.commit)}
-    if "export" in args.steps:
-        results["export"] = spawn([sys.executable, os.path.join(ROOT, "scripts", "export_package.py")]
-                                  + common + ["--output", package] + args.export_args.split(), args.timeout)
-        print("export", results["export"], flush=True)
-    if "package" in args.steps:
-        results["package"] = [spawn(me + ["--child", "package", "--package", package], args.timeout)
-                              for _ in range(2)]
-        print("package", results["package"], flush=True)
-    if "compile_cold" in args.steps:
-        shutil.rmtree(cache, ignore_errors=True)
-        results["compile_cold"] = spawn(me + ["--child", "compile", "--cache-dir", cache], args.timeout)
-        print("compile_cold", results["compile_cold"], flush=True)
-    if "compile_warm" in args.steps:
-        results["compile_warm"] = spawn(me + ["--child", "compile", "--cache-dir", cache], args.timeout)
-        print("compile_warm", results["compile_warm"], flush=True)
-    if "package" in results and "compile_cold" in results:
-        results["package_vs_compiled_throughput"] = (
-            results["package"][-1]["encoder_img_per_s"] / results["compile_cold"]["encoder_img_per_s"]
-        )
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=1)
+    plan = {
+        "export": lambda: spawn(python + [os.path.join(ROOT, "scripts", "export_package.py")]
+                                + common + ["--output", package] + args.export_args.split(), args.timeout),
+        "package": lambda: [spawn(me + ["--child", "package", "--package", package], args.timeout)
+                            for _ in range(2)],
+        "compile_cold": lambda: (shutil.rmtree(cache, ignore_errors=True),
+                                 spawn(me + ["--child", "compile", "--cache-dir", cache], args.timeout))[1],
+        "compile_warm": lambda: spawn(me + ["--child", "compile", "--cache-dir", cache], args.timeout),
+    }
+    needs = {"package": "export", "compile_warm": "compile_cold"}
+    failed = False
+    for step in STEPS:
+        if step not in args.steps:
+            continue
+        if needs.get(step) in args.steps and "error" in results.get(needs[step], {}):
+            results[step] = {"error": f"skipped: {needs[step]} failed"}
+        else:
+            try:
+                results[step] = plan[step]()
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # record it, go on to the next step
+                results[step] = {"error": str(e)[-4000:]}
+        failed |= isinstance(results[step], dict) and "error" in results[step]
+        print(step, results[step], flush=True)
+        if "package" in results and "compile_cold" in results and not failed:
+            results["package_vs_compiled_throughput"] = (
+                results["package"][-1]["encoder_img_per_s"] / results["compile_cold"]["encoder_img_per_s"])
+        if args.output:  # after every step, so a later failure or kill keeps what was measured
+            tmp = f"{args.output}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(tmp, args.output)
     print(json.dumps(results, indent=1))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

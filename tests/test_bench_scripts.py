@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(0, ROOT)
 
 import bench_amg  # noqa: E402
+import cold_start  # noqa: E402
 import run_experiments  # noqa: E402
 
 
@@ -68,6 +69,19 @@ def test_choose_thresholds_hits_target_and_falls_back():
     # the same boxes with box NMS off (threshold 1.0): the mask target is reachable again
     t_iou, t_stab, q, n_after, passing, how = bench_amg.choose_thresholds(iou, stab, same, 100, 50, 1.0)
     assert abs(n_after - 100) <= 15 and n_after == passing and "after NMS" in how
+
+
+def test_thresholds_keep_clear_of_tied_scores():
+    """Saturated scores (random weights: many exactly 1.0) get a threshold in the gap below the
+    tie, not at it, so a score rounded in bf16 passes the filter as it does in fp32."""
+    iou = torch.cat([torch.full((900,), 1.25), torch.linspace(0.5, 0.9, 100)])
+    stab = torch.cat([torch.ones(900), torch.linspace(0.8, 0.99, 100)])
+    x = torch.arange(1000) * 10
+    boxes = torch.stack([x, torch.zeros(1000, dtype=torch.long), x + 5, torch.full((1000,), 5)], 1)
+    t_iou, t_stab, _, n_after, passing, _ = bench_amg.choose_thresholds(iou, stab, boxes, 100, 50)
+    assert n_after == passing == 900
+    assert 0.9 < t_iou < 1.0 and 0.99 < t_stab < 1.0
+    assert bench_amg.below_gap(stab, 0.8) == 0.8  # nothing below: unchanged
 
 
 def test_bench_amg_cpu_smoke(tmp_path):
@@ -133,3 +147,17 @@ def test_run_experiments_cpu_smoke(tmp_path):
 def test_run_experiments_rejects_unknown_step(tmp_path):
     with pytest.raises(SystemExit):
         run_experiments.main(["--steps", "fp32,warp", "--out-dir", str(tmp_path)])
+
+
+def test_cold_start_records_a_failed_step_and_exits_nonzero(tmp_path, monkeypatch):
+    """A step whose child fails is written to the JSON with its error (the child's traceback
+    included), dependent steps are skipped, and the exit code is 1."""
+    out = tmp_path / "cold.json"
+    monkeypatch.setattr(sys, "argv", [
+        "cold_start.py", "--model-type", "vit_b", "--workdir", str(tmp_path), "--device", "cpu",
+        "--checkpoint", str(tmp_path / "unused.pth"), "--steps", "package", "--timeout", "120",
+        "--output", str(out)])
+    assert cold_start.main() == 1
+    res = json.loads(out.read_text())
+    assert "compiled package not found" in res["package"]["error"]
+    assert "compile_cold" not in res and not list(tmp_path.glob("*.tmp"))

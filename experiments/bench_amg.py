@@ -221,7 +221,7 @@ def choose_thresholds(iou, stab, boxes, target: int, target_candidates: int, nms
     grid = np.concatenate([np.arange(0.0, 0.95, 0.025), np.arange(0.95, 0.999, 0.005)])
     cands = []
     for q in grid:
-        t_iou = below_gap(iou, float(np.clip(torch.quantile(iou, float(q)).item(), 0.0, 1.0)))
+        t_iou = max(below_gap(iou, float(np.clip(torch.quantile(iou, float(q)).item(), 0.0, 1.0))), 0.0)
         t_stab = below_gap(stab, float(torch.quantile(stab, float(q)).item()))
         passing = int(passes(iou, stab, t_iou, t_stab).sum())
         cands.append((t_iou, t_stab, float(q), survivors(iou, stab, boxes, t_iou, t_stab, nms_thresh), passing))

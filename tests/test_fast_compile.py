@@ -120,7 +120,7 @@ def test_build_sam_fast_cpu_bf16_matches_original():
 
 
 def test_build_sam_fast_errors():
-    assert set(sam_model_fast_registry) == {"default", "vit_h", "vit_l", "vit_b"}
+    assert set(sam_model_fast_registry) == {"default", "vit_h", "vit_l", "vit_b", "demo"}
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             build_sam_fast(TINY, device="cuda")

@@ -10,6 +10,11 @@ Writes {"model": fp16 state dict, "config": SamConfig fields, "meta": run facts}
 held-out point-prompt mIoU (eval_combo's protocol) on generated scenes training never sees.
 
     python scripts/train_demo.py --device cpu --steps 2200 --minutes 24.5 --pool 300 --out sam_demo.pt
+
+A run longer than one job may last is split with ``--stop-after MIN --state S`` and continued
+with ``--resume S`` (same schedule flags): weights, optimizer, LR schedule, clock and random
+streams carry over; the scene pool is generated afresh (continuing the scene numbering), so a
+split run is not bit-identical to an unsplit one.
 """
 import argparse
 import dataclasses
@@ -57,11 +62,12 @@ class ScenePool:
     points (x, y), the object count and the image's (h, w); padding is bottom-right, as
     ``Sam.preprocess`` pads. With ``workers`` > 0 the scenes are made in worker processes (the
     initial pool in parallel; later, fresh scenes swapped in as they finish, which makes the
-    run depend on timing); with 0, :meth:`refresh` makes one scene in the loop.
+    run depend on timing); with 0, :meth:`refresh` makes one scene in the loop. Scenes are
+    numbered from ``start`` (a resumed run continues where the first part stopped).
     """
 
-    def __init__(self, size, long_side, seed, workers=0, max_swaps=4, device="cpu"):
-        self.long_side, self.seed, self.next, self.max_swaps = long_side, seed, 0, max_swaps
+    def __init__(self, size, long_side, seed, workers=0, max_swaps=4, device="cpu", start=0):
+        self.long_side, self.seed, self.next, self.max_swaps = long_side, seed, start, max_swaps
         s, m = long_side, MAX_OBJECTS
         self.images = torch.zeros(size, 3, s, s, dtype=torch.uint8, device=device)
         self.masks = torch.zeros(size, m, s, s, dtype=torch.bool, device=device)
@@ -193,20 +199,26 @@ def mask_losses(sam, low, gt, valid):
     return loss, iou
 
 
-def train_step(sam, batch, k, gen):
-    """batch: ``ScenePool.batch`` output on the model's device; returns the mean loss.
-
-    The prompts of all images (a point, multimask, and a box, single mask, per sampled object)
-    go through one decoder call, and nothing waits on the host: a step is a few hundred kernel
-    launches.
-    """
+def prompt_batch(sam, batch, k, gen):
+    """The eager, random half of a step: normalised padded images (n, 3, S, S), ``k`` prompted
+    objects per image (:func:`sample_prompts`) and each prompt's valid-pixel mask (n*k, S, S)."""
     images, masks, centers, counts, hw = batch
-    n, s = images.shape[0], images.shape[-1]
+    s = images.shape[-1]
     ar = torch.arange(s, device=images.device)
     valid = (ar[None, :, None] < hw[:, :1, None]) & (ar[None, None, :] < hw[:, 1:, None])
     x = (images.float() - sam.pixel_mean) / sam.pixel_std * valid[:, None]
-    emb = sam.image_encoder(x)
     gt, pts, boxes = sample_prompts(masks, centers, counts, k, gen)
+    return x, pts, boxes, gt, valid.repeat_interleave(k, dim=0)
+
+
+def model_loss(sam, x, pts, boxes, gt, valid, k: int):
+    """Mean loss of the model on one :func:`prompt_batch` (a pure tensor function, so
+    ``--compile`` can compile it whole, backward included).
+
+    The prompts of all images (a point, multimask, and a box, single mask, per sampled object)
+    go through one decoder call.
+    """
+    emb = sam.image_encoder(x)
     labels = torch.ones(len(pts), 1, dtype=torch.int, device=pts.device)
     sp_pts, dense = sam.prompt_encoder(points=(pts[:, None], labels), boxes=None, masks=None)
     sp_box, _ = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
@@ -217,12 +229,17 @@ def train_step(sam, batch, k, gen):
         torch.cat([dense, dense]),
     )
     n_pts = len(pts)
-    valid = valid.repeat_interleave(k, dim=0)
     total = 0.0
     for low_k, iou_k in ((low[:n_pts, 1:], iou_pred[:n_pts, 1:]), (low[n_pts:, :1], iou_pred[n_pts:, :1])):
         loss, iou = mask_losses(sam, low_k.float(), gt, valid)
         total = total + loss.min(dim=1).values.sum() + F.mse_loss(iou_k.float(), iou, reduction="none").mean(1).sum()
     return total / (2 * n_pts)
+
+
+def train_step(sam, batch, k, gen, loss_fn=model_loss):
+    """batch: ``ScenePool.batch`` output on the model's device; returns the mean loss.
+    Nothing in a step waits on the host."""
+    return loss_fn(sam, *prompt_batch(sam, batch, k, gen), k)
 
 
 def save_checkpoint(sam, cfg, path, meta):
@@ -232,6 +249,35 @@ def save_checkpoint(sam, cfg, path, meta):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save({"model": sd, "config": c, "meta": meta}, tmp)
     os.replace(tmp, path)
+
+
+SCHEDULE_FLAGS = ("steps", "minutes", "batch", "prompts", "lr", "seed")
+
+
+def save_state(path, sam, opt, sched, gen, rng, step, train_s, scenes_made, args):
+    """Everything a later ``--resume`` needs to continue the same run (written atomically)."""
+    state = {"model": {k: v.detach().cpu() for k, v in sam.state_dict().items()},
+             "opt": opt.state_dict(), "sched": sched.state_dict(), "gen_state": gen.get_state(),
+             "rng": rng.bit_generator.state, "step": step, "train_seconds": train_s,
+             "scenes_made": scenes_made, "schedule": {f: getattr(args, f) for f in SCHEDULE_FLAGS}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path, args, parser):
+    """The ``--state`` file of an earlier part; its schedule flags must equal this run's."""
+    if not os.path.isfile(path):
+        parser.error(f"--resume: no such file {path!r}.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["schedule"]
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        parser.error(f"--resume: {path!r} is not a train_demo --state file ({type(e).__name__}: {e}).")
+    diff = [f"--{f} {saved[f]} (now {getattr(args, f)})" for f in SCHEDULE_FLAGS if saved[f] != getattr(args, f)]
+    if diff:
+        parser.error("--resume: pass the schedule flags of the run being resumed: " + ", ".join(diff) + ".")
+    return state
 
 
 def main(argv=None):
@@ -251,6 +297,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default="sam_demo.pt")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model + loss of a step (fewer, fused kernels; compiling "
+                        "takes a minute or two, so only for long runs)")
+    p.add_argument("--stop-after", type=float, default=None, metavar="MIN",
+                   help="stop this process after MIN minutes of training, before the schedule "
+                        "ends, and write --state (for machines whose jobs are shorter than --minutes)")
+    p.add_argument("--state", default=None,
+                   help="write the resumable training state (fp32 weights, optimizer, step, "
+                        "clock, random states) here at the end")
+    p.add_argument("--resume", default=None,
+                   help="continue the run whose --state file this is (same schedule flags)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():  # bf16 autocast on CUDA
         p.error("--device cuda: no CUDA device is available; use --device cpu.")
@@ -261,23 +318,36 @@ def main(argv=None):
         p.error("--workers must be >= 0.")
     if args.batch > args.pool:
         p.error(f"--batch {args.batch} is larger than --pool {args.pool}; a batch takes distinct scenes.")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        p.error(f"--out: directory {out_dir!r} does not exist.")
+    if args.stop_after is not None and (args.stop_after <= 0 or args.state is None):
+        p.error("--stop-after needs a positive number of minutes and --state (to resume from).")
+    for flag, path in (("--out", args.out), ("--state", args.state)):
+        out_dir = os.path.dirname(os.path.abspath(path)) if path else None
+        if out_dir is not None and not os.path.isdir(out_dir):
+            p.error(f"{flag}: directory {out_dir!r} does not exist.")
+    resumed = load_state(args.resume, args, p) if args.resume else None
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     cfg = DEMO_CONFIG
     device = torch.device(args.device)
-    sam = build_sam(cfg).to(device).train()
+    sam = build_sam(cfg)
+    if resumed:
+        sam.load_state_dict(resumed["model"])
+        rng.bit_generator.state = resumed["rng"]
+    sam = sam.to(device).train()
     t0 = time.time()
-    pool = ScenePool(args.pool, cfg.image_size, args.seed, args.workers, device=device)
+    pool = ScenePool(args.pool, cfg.image_size, args.seed, args.workers, device=device,
+                     start=resumed["scenes_made"] if resumed else 0)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    if resumed:
+        gen.set_state(resumed["gen_state"])
     print(f"generated {args.pool} scenes in {time.time() - t0:.0f}s; "
           f"{sum(p.numel() for p in sam.parameters()) / 1e6:.2f}M parameters", flush=True)
     opt = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.999))
     warmup = min(100, args.steps // 10)
-    t_train = time.time()
+    step, done_s = (resumed["step"], resumed["train_seconds"]) if resumed else (0, 0.0)
+    t_part = time.time()
+    t_train = t_part - done_s  # the schedule's clock runs over all parts of a run
 
     def lr_factor(s):
         # Linear warmup, then cosine to 2% over the run. Progress is step/steps, or the elapsed
@@ -290,11 +360,17 @@ def main(argv=None):
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * prog))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    step, avg = 0, None
-    while step < args.steps and time.time() - t_train < args.minutes * 60:
+    if resumed:
+        opt.load_state_dict(resumed["opt"])
+        sched.load_state_dict(resumed["sched"])
+    loss_fn = torch.compile(model_loss) if args.compile else model_loss
+    part_s = args.stop_after * 60 if args.stop_after is not None else float("inf")
+    avg = None
+    while (step < args.steps and time.time() - t_train < args.minutes * 60
+           and time.time() - t_part < part_s):
         batch = pool.batch(args.batch, gen)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            loss = train_step(sam, batch, args.prompts, gen)
+            loss = train_step(sam, batch, args.prompts, gen, loss_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
@@ -309,8 +385,14 @@ def main(argv=None):
                   f"{time.time() - t_train:.0f}s", flush=True)
     train_s = time.time() - t_train
     pool.close()
-    if step < args.steps:
+    finished = step >= args.steps or train_s >= args.minutes * 60
+    if not finished:
+        print(f"--stop-after reached after {step}/{args.steps} steps; resume with --resume {args.state}",
+              flush=True)
+    elif step < args.steps:
         print(f"time budget reached after {step}/{args.steps} steps", flush=True)
+    if args.state:
+        save_state(args.state, sam, opt, sched, gen, rng, step, train_s, pool.next, args)
     sam.eval()
     # Measure what is shipped: the fp16-rounded weights, without TF32 convolutions, so that
     # eval_combo on the exported held-out set (--heldout-of) reports the same number.
@@ -325,7 +407,7 @@ def main(argv=None):
     meta = {"steps": step, "train_seconds": round(train_s, 1), "heldout_scenes": args.heldout,
             "heldout_objects": int(ious.numel()), "heldout_point_miou": round(miou, 4),
             "seed": args.seed, "batch": args.batch, "prompts": args.prompts, "lr": args.lr,
-            "scenes_made": pool.next}
+            "scenes_made": pool.next, "schedule_finished": finished}
     save_checkpoint(sam.cpu(), cfg, args.out, meta)
     print(f"trained {step} steps in {train_s / 60:.1f} min; held-out point-prompt mIoU "
           f"{miou:.4f} over {ious.numel()} objects in {args.heldout} scenes; wrote {args.out}",

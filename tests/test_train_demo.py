@@ -94,3 +94,50 @@ def test_pool_batches_and_prompts_are_consistent():
         side = (tight[2:] - tight[:2]).repeat(2)
         assert ((boxes[0] - tight).abs() <= torch.minimum(side * 0.6, torch.tensor(20.0)) + 1e-4).all()
     assert 0 < flipped < 24
+
+
+def test_stop_and_resume_continue_one_schedule(tmp_path, monkeypatch):
+    """--stop-after writes --state mid-schedule; --resume finishes the same schedule (step count,
+    optimizer steps, scene numbering) and refuses other schedule flags."""
+    td = _script()
+    state, out = str(tmp_path / "state.pt"), str(tmp_path / "demo.pt")
+    flags = ["--steps", "6", "--minutes", "1000", "--pool", "3", "--batch", "2", "--prompts", "2",
+             "--heldout", "1", "--state", state, "--out", out]
+    clock = iter(range(0, 10**6, 2))  # every time.time() call advances 2 s
+    monkeypatch.setattr(td.time, "time", lambda: float(next(clock)))
+    assert td.main(flags + ["--stop-after", "0.4"]) == 0  # 24 s of fake training time
+    monkeypatch.undo()
+    first = torch.load(state, weights_only=True)
+    assert 0 < first["step"] < 6
+    part = torch.load(out, weights_only=True)["meta"]
+    assert part["steps"] == first["step"] and part["schedule_finished"] is False
+    with pytest.raises(SystemExit):
+        td.main(flags + ["--resume", state, "--lr", "5e-3"])
+    assert td.main(flags + ["--resume", state]) == 0
+    final = torch.load(state, weights_only=True)
+    assert final["step"] == 6 and final["scenes_made"] > first["scenes_made"]
+    assert all(int(s["step"]) == 6 for s in final["opt"]["state"].values())
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["steps"] == 6 and meta["schedule_finished"] is True
+
+
+def test_compiled_model_loss_matches_eager():
+    """--compile: model_loss traces as one graph (no graph breaks), forward and backward, and
+    gives the eager loss and gradients. (aot_eager backend: the same dynamo + autograd capture
+    as inductor without its minutes of C++ compilation on the CI CPU.)"""
+    from tests.oracle import TINY
+
+    td = _script()
+    sam = build_sam(TINY).train()
+    pool = td.ScenePool(2, TINY.image_size, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    inputs = td.prompt_batch(sam, pool.batch(2, gen), 2, gen)
+    losses, grads = [], []
+    for fn in (td.model_loss, torch.compile(td.model_loss, backend="aot_eager", fullgraph=True)):
+        sam.zero_grad()
+        loss = fn(sam, *inputs, 2)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in sam.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-4)

@@ -37,7 +37,10 @@ for p in (ROOT, HERE):
 import bench_encoder  # noqa: E402  (shared helpers: git_commit, random_state_dict, free, log)
 
 IMPLS = ("orig", "peer", "ours")
-MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny", "demo")
+SMALL_TYPES = ("tiny", "demo")  # our SamConfigs; the original is built from its modules
+# The demo model's masks score lower than SAM's; the README's AMG settings for it.
+DEMO_THRESHOLDS = (0.6, 0.8)
 OURS_COMPILE = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PEER_COMPILE = ("none", "default", "reduce-overhead", "max-autotune")
 CSV_FIELDS = (
@@ -106,22 +109,13 @@ def match_masks(ref: Sequence[np.ndarray], other: Sequence[np.ndarray], min_iou:
 # ----------------------------------------------------------------------------- models
 
 
-def tiny_config():
-    from segment_anything_fast.build_sam import SAM_CONFIGS, SamConfig
-
-    if "tiny" in SAM_CONFIGS:
-        return SAM_CONFIGS["tiny"]
-    from scripts.amg import TINY_CONFIG
-
-    return SamConfig(**TINY_CONFIG)
-
-
 def build_original(model_type: str, device):
     """The original package's Sam (fp32, eval) with its default init, on ``device``."""
-    if model_type == "tiny":
-        from tests.oracle import build_original as build_tiny_original
+    if model_type in SMALL_TYPES:
+        from segment_anything_fast.build_sam import SAM_CONFIGS
+        from tests.oracle import build_original as build_small_original
 
-        return build_tiny_original(tiny_config()).to(device)
+        return build_small_original(SAM_CONFIGS[model_type]).to(device)
     from segment_anything import sam_model_registry
 
     with torch.device(device):
@@ -130,12 +124,17 @@ def build_original(model_type: str, device):
 
 
 def make_state_dict(model_type: str, device, seed: int, checkpoint=None):
-    """The weights every implementation loads: --checkpoint, else random (no zero tables)."""
+    """The weights every implementation loads: --checkpoint, else random (no zero tables);
+    the demo model defaults to its bundled trained checkpoint."""
+    if model_type == "demo" and not checkpoint:
+        from segment_anything_fast.build_sam import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint("demo")
     if checkpoint:
         from segment_anything_fast.build_sam import load_state_dict_file
 
         return {k: v.to(device) for k, v in load_state_dict_file(checkpoint).items()}
-    if torch.device(device).type == "cuda" and model_type != "tiny":
+    if torch.device(device).type == "cuda" and model_type not in SMALL_TYPES:
         from segment_anything import sam_model_registry
 
         with torch.device("meta"):
@@ -147,7 +146,9 @@ def make_state_dict(model_type: str, device, seed: int, checkpoint=None):
 
 
 def ours_config(model_type: str):
-    return tiny_config() if model_type == "tiny" else model_type
+    from segment_anything_fast.build_sam import SAM_CONFIGS
+
+    return SAM_CONFIGS[model_type]
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -287,11 +288,14 @@ def load_image(path: str, resize_long: int) -> np.ndarray:
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-type", nargs="+", default=["vit_h"], choices=MODEL_TYPES,
-                    help="one or more; tiny = the test-sized model (CPU smoke)")
+                    help="one or more; tiny = the test-sized model (CPU smoke); demo = the bundled "
+                         "trained demo model (its checkpoint and AMG thresholds unless given)")
     ap.add_argument("--impls", default="orig,ours,peer",
                     help="comma list of orig, peer, ours, in run order (default orig,ours,peer)")
     ap.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
-    ap.add_argument("--image", default=os.path.join(ROOT, "segment_anything_fast", "assets", "sample.png"))
+    ap.add_argument("--image", default=None,
+                    help="default: assets/sample.png, or assets/demo_scene.jpg when only the demo "
+                         "model runs (a scene of its training kind)")
     ap.add_argument("--resize-long", type=int, default=0, help="resize the image to this long side (0: as is)")
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--checkpoint", default=None, help="state dict for all three (default: random weights)")
@@ -354,6 +358,9 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    if args.image is None:
+        name = "demo_scene.jpg" if args.model_type == ["demo"] else "sample.png"
+        args.image = os.path.join(ROOT, "segment_anything_fast", "assets", name)
     image = load_image(args.image, args.resize_long)
     peer_path = args.peer_path or next(
         (p for p in (os.path.join(ROOT, ".peer"), "/work/shared/peer")
@@ -401,6 +408,8 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
     # thresholds
     if args.pred_iou_thresh is not None:
         t_iou, t_stab, source = args.pred_iou_thresh, args.stability_thresh, "flags"
+    elif model_type == "demo":
+        (t_iou, t_stab), source = DEMO_THRESHOLDS, "demo model settings (README)"
     elif args.checkpoint:
         t_iou, t_stab, source = 0.88, 0.95, "original defaults (checkpoint given)"
     else:
@@ -444,6 +453,9 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
             ppb = args.ours_points_per_batch
         if time.time() - bench_encoder.T0 > args.budget_s:
             record(impl, dtype, mode, ppb, "skipped (time budget)")
+            continue
+        if impl == "peer" and model_type in SMALL_TYPES:
+            record(impl, dtype, mode, ppb, "skipped (the competitor builds only vit_b/vit_l/vit_h)")
             continue
         sam = gen = None
         try:

@@ -363,7 +363,17 @@ class SamAutomaticMaskGenerator:
         low_res, iou = pred._predict_low_res(coords[:, None, :], labels[:, None], None, None, True)
         low_res = low_res.flatten(0, 1)
         iou = iou.flatten(0, 1).float()
-        stability, boxes = self._scores(pred.model, low_res, pred.input_size, im_size, self.stability_score_offset)
+        model, offset = pred.model, self.stability_score_offset
+        if low_res.device.type == "cpu" and self.pred_iou_thresh > 0.0:
+            # The CPU has no host sync to avoid: upscale and score only the candidates that
+            # pass the predicted-IoU filter (the rest get keep=False below either way).
+            idx = torch.nonzero(iou > self.pred_iou_thresh)[:, 0]
+            stability = torch.zeros_like(iou)
+            boxes = torch.zeros(len(iou), 4, dtype=torch.int64)
+            if len(idx):
+                stability[idx], boxes[idx] = self._scores(model, low_res[idx], pred.input_size, im_size, offset)
+        else:
+            stability, boxes = self._scores(model, low_res, pred.input_size, im_size, offset)
         keep = torch.ones_like(iou, dtype=torch.bool)
         if self.pred_iou_thresh > 0.0:
             keep &= iou > self.pred_iou_thresh

@@ -206,6 +206,21 @@ def test_generate_parity_options(models, kw):
     _same_records(SamAutomaticMaskGenerator(ours, **kw).generate(img), OrigAMG(orig, **kw).generate(img), "binary_mask")
 
 
+def test_cpu_iou_prefilter_keeps_the_original_output(models):
+    """On the CPU only candidates passing pred_iou_thresh are upscaled and scored; with a
+    threshold that splits the candidates, the output is still the original's."""
+    ours, orig = models
+    img = _blocks(1)
+    base = dict(BASE, crop_n_layers=0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    every = SamAutomaticMaskGenerator(ours, **base).generate(img)
+    t = float(np.quantile([r["predicted_iou"] for r in every], 0.75))
+    assert t > 0
+    kw = dict(base, pred_iou_thresh=t)
+    a = SamAutomaticMaskGenerator(ours, **kw).generate(img)
+    assert 0 < len(a) < len(every)
+    _same_records(a, OrigAMG(orig, **kw).generate(img), "binary_mask")
+
+
 class _OOMOnBigBatches(SamAutomaticMaskGenerator):
     def _process_batch(self, points, *args):
         if len(points) > 3:

@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 
 import bench_amg  # noqa: E402
 import cold_start  # noqa: E402
+import demo_fidelity  # noqa: E402
 import run_experiments  # noqa: E402
 
 
@@ -161,3 +162,18 @@ def test_cold_start_records_a_failed_step_and_exits_nonzero(tmp_path, monkeypatc
     res = json.loads(out.read_text())
     assert "compiled package not found" in res["package"]["error"]
     assert "compile_cold" not in res and not list(tmp_path.glob("*.tmp"))
+
+
+def test_demo_fidelity_rows(tmp_path):
+    """demo_fidelity.py: an fp32 reference row, measured rows for what runs on the CPU, and a
+    skipped row naming the reason for what needs CUDA."""
+    out = tmp_path / "fid.csv"
+    assert demo_fidelity.main(["--device", "cpu", "--scenes", "3", "--settings", "bfloat16",
+                               "bfloat16+int8_dynamic", "bfloat16+fp8", "--output", str(out)]) == 0
+    rows = {r["setting"]: r for r in csv.DictReader(out.open())}
+    assert list(rows) == ["float32", "bfloat16", "bfloat16+int8_dynamic", "bfloat16+fp8"]
+    assert float(rows["float32"]["iou_vs_fp32_min"]) == 1.0
+    for s in ("bfloat16", "bfloat16+int8_dynamic"):
+        assert rows[s]["status"] == "ok" and 0.5 < float(rows[s]["iou_vs_fp32_mean"]) <= 1.0
+        assert int(rows[s]["n_objects"]) == int(rows["float32"]["n_objects"]) > 0
+    assert rows["bfloat16+fp8"]["status"].startswith("skipped:") and "GPU" in rows["bfloat16+fp8"]["status"]

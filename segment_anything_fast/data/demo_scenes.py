@@ -106,8 +106,9 @@ def heldout_of_checkpoint(path) -> Tuple[int, int, int]:
 
 
 @torch.no_grad()
-def point_prompt_ious(sam, scenes: List[Scene]) -> torch.Tensor:
-    """IoU of every GT object with the mask predicted from its center point.
+def point_prompt_masks(sam, scenes: List[Scene]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(predicted, ground-truth) (K, H, W) bool masks of every scene with objects, one row per
+    object, predicted from its center point.
 
     Protocol of ``experiments/eval_combo.py``: one positive point at the pixel farthest from the
     object boundary, ``multimask_output=True``, the output with the highest predicted IoU.
@@ -131,6 +132,12 @@ def point_prompt_ious(sam, scenes: List[Scene]) -> torch.Tensor:
         )
         best = low[torch.arange(len(low)), iou.argmax(1)][:, None]
         masks = sam.postprocess_masks(best, (h, w), (h, w))[:, 0] > sam.mask_threshold
-        gt = torch.from_numpy(np.stack(sc.masks)).to(masks.device)
-        out.append(mask_iou(masks, gt).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        out.append((masks.cpu(), torch.from_numpy(np.stack(sc.masks))))
+    return out
+
+
+def point_prompt_ious(sam, scenes: List[Scene]) -> torch.Tensor:
+    """IoU of every GT object with the mask predicted from its center point
+    (:func:`point_prompt_masks`)."""
+    pairs = point_prompt_masks(sam, scenes)
+    return torch.cat([mask_iou(pred, gt) for pred, gt in pairs]) if pairs else torch.zeros(0)

@@ -107,15 +107,20 @@ class ScenePool:
         return arrays
 
     def _put(self, slot, arrays):
-        img, masks, centers = (torch.from_numpy(a) for a in arrays)
+        dev = self.images.device
+        # Pinned + non_blocking on CUDA: a plain .to(cuda) waits for the GPU to finish all
+        # queued work, which would stall the training loop at every refresh.
+        img, masks, centers = (
+            torch.from_numpy(a).pin_memory().to(dev, non_blocking=True) if dev.type == "cuda"
+            else torch.from_numpy(a) for a in arrays)
         k, (h, w) = masks.shape[0], img.shape[-2:]
         if k > MAX_OBJECTS:
             raise ValueError(f"scene has {k} objects; the pool holds at most {MAX_OBJECTS}.")
         self.images[slot].zero_()
-        self.images[slot, :, :h, :w] = img.to(self.images.device)
+        self.images[slot, :, :h, :w] = img
         self.masks[slot].zero_()
-        self.masks[slot, :k, :h, :w] = masks.to(self.masks.device)
-        self.centers[slot, :k] = centers.to(self.centers.device)
+        self.masks[slot, :k, :h, :w] = masks
+        self.centers[slot, :k] = centers
         self.counts[slot] = k
         self.hw[slot, 0], self.hw[slot, 1] = h, w
 

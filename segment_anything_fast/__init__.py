@@ -14,6 +14,7 @@ _EXPORTS = {
     "build_sam_vit_h": "segment_anything_fast.build_sam",
     "build_sam_vit_l": "segment_anything_fast.build_sam",
     "build_sam_vit_b": "segment_anything_fast.build_sam",
+    "build_sam_demo": "segment_anything_fast.build_sam",
     "SamConfig": "segment_anything_fast.build_sam",
     "sam_model_fast_registry": "segment_anything_fast.build_sam_fast",
     "build_sam_fast": "segment_anything_fast.build_sam_fast",

@@ -13,7 +13,8 @@ import torch
 
 from segment_anything_fast.automatic_mask_generator import SamAutomaticMaskGenerator
 from segment_anything_fast.build_sam import (
-    BUNDLED_CHECKPOINTS, DEMO_CHECKPOINT, SAM_CONFIGS, SamConfig, build_sam, resolve_checkpoint,
+    BUNDLED_CHECKPOINTS, DEMO_CHECKPOINT, SAM_CONFIGS, SamConfig, build_sam, build_sam_demo,
+    resolve_checkpoint,
     sam_model_registry,
 )
 from segment_anything_fast.build_sam_fast import sam_model_fast_registry
@@ -58,6 +59,9 @@ def test_registry_loads_the_bundled_weights(sam, file_obj):
     assert all(torch.equal(sd[k], v.float() if v.is_floating_point() else v)
                for k, v in file_obj["model"].items())
     assert sum(p.numel() for p in sam.parameters()) == pytest.approx(3.8e6, rel=0.01)
+    import segment_anything_fast
+
+    assert segment_anything_fast.build_sam_demo is build_sam_demo
     # A name alone builds random weights, like every other named config.
     rand = build_sam("demo").state_dict()
     key = "image_encoder.patch_embed.proj.weight"

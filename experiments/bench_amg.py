@@ -39,8 +39,7 @@ import bench_encoder  # noqa: E402  (shared helpers: git_commit, random_state_di
 IMPLS = ("orig", "peer", "ours")
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny", "demo")
 SMALL_TYPES = ("tiny", "demo")  # our SamConfigs; the original is built from its modules
-# The demo model's masks score lower than SAM's; the README's AMG settings for it.
-DEMO_THRESHOLDS = (0.6, 0.8)
+
 OURS_COMPILE = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PEER_COMPILE = ("none", "default", "reduce-overhead", "max-autotune")
 CSV_FIELDS = (
@@ -409,7 +408,10 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
     if args.pred_iou_thresh is not None:
         t_iou, t_stab, source = args.pred_iou_thresh, args.stability_thresh, "flags"
     elif model_type == "demo":
-        (t_iou, t_stab), source = DEMO_THRESHOLDS, "demo model settings (README)"
+        from segment_anything_fast.build_sam import DEMO_AMG_SETTINGS as demo
+
+        t_iou, t_stab = demo["pred_iou_thresh"], demo["stability_score_thresh"]
+        source = "the demo model's AMG settings (build_sam.DEMO_AMG_SETTINGS)"
     elif args.checkpoint:
         t_iou, t_stab, source = 0.88, 0.95, "original defaults (checkpoint given)"
     else:

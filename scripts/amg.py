@@ -13,8 +13,7 @@ images and writes their outputs itself; rank 0 prints the summary and the failur
 
 Example (no download): the bundled demo model (a small SAM trained on generated shapes) on
 the bundled generated scene; without --checkpoint the model has random weights:
-  python scripts/amg.py --checkpoint demo --output out/ --overlay --points-per-side 16 \
-      --pred-iou-thresh 0.6 --stability-score-thresh 0.8
+  python scripts/amg.py --checkpoint demo --output out/ --overlay
   torchrun --nproc-per-node 2 scripts/amg.py --input images/ --output out/ --checkpoint sam.pth
 """
 import argparse
@@ -40,7 +39,9 @@ from segment_anything_fast.distributed import (  # noqa: E402
     DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, print_failure,
     shard,
 )
-from segment_anything_fast.build_sam import resolve_checkpoint  # noqa: E402
+from segment_anything_fast.build_sam import (  # noqa: E402
+    DEMO_AMG_SETTINGS, DEMO_CHECKPOINT, resolve_checkpoint,
+)
 from segment_anything_fast.validation import check_output_path, explain_os_error  # noqa: E402
 
 # A generated scene of the demo model's training kind (data.demo_scenes.write_demo_image).
@@ -115,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def amg_kwargs(args) -> dict:
-    out = {}
+def amg_kwargs(args, defaults=None) -> dict:
+    """The AMG settings given on the command line, over ``defaults`` (else the generator's)."""
+    out = dict(defaults or {})
     for name, _, _ in AMG_FLAGS:
         v = getattr(args, name.replace("-", "_"))
         if v is not None:
@@ -461,9 +463,14 @@ def _main(args, ctx: DistContext) -> int:
     setup_error = None
     try:
         sam, model_type = build_model(args, verbose=ctx.is_main)
+        demo = args.checkpoint == DEMO_CHECKPOINT
+        settings = amg_kwargs(args, DEMO_AMG_SETTINGS if demo else None)
+        if demo and ctx.is_main:
+            print("demo model: AMG settings " + ", ".join(f"{k}={v}" for k, v in settings.items())
+                  + " (its defaults; pass the flags to change them)", file=sys.stderr)
         generator = SamAutomaticMaskGenerator(
             sam, output_mode="coco_rle" if args.convert_to_rle else "binary_mask",
-            postprocess_compile_mode="default" if args.fast else None, **amg_kwargs(args))
+            postprocess_compile_mode="default" if args.fast else None, **settings)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
         setup_error = str(e)
     if setup_error is None:

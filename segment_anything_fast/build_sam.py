@@ -106,6 +106,10 @@ AUTO = "auto"  # build_sam config: the checkpoint's stored config, else its offi
 # with the package (package_data). Not an official SAM: it only knows synthetic shapes.
 DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "sam_demo.pt")
 BUNDLED_CHECKPOINTS = {"demo": DEMO_CHECKPOINT}
+# SamAutomaticMaskGenerator settings that suit the demo model: its masks score lower than
+# SAM's, so the official thresholds (0.88 / 0.95) keep none of them; 16x16 points suffice at
+# its 256 px input. scripts/amg.py uses them for --checkpoint demo unless the flags are given.
+DEMO_AMG_SETTINGS = {"points_per_side": 16, "pred_iou_thresh": 0.6, "stability_score_thresh": 0.8}
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)

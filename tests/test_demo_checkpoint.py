@@ -13,7 +13,7 @@ import torch
 
 from segment_anything_fast.automatic_mask_generator import SamAutomaticMaskGenerator
 from segment_anything_fast.build_sam import (
-    BUNDLED_CHECKPOINTS, DEMO_CHECKPOINT, SAM_CONFIGS, SamConfig, build_sam, build_sam_demo,
+    BUNDLED_CHECKPOINTS, DEMO_AMG_SETTINGS, DEMO_CHECKPOINT, SAM_CONFIGS, SamConfig, build_sam, build_sam_demo,
     resolve_checkpoint,
     sam_model_registry,
 )
@@ -29,9 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # AMG recall at IoU >= 0.5 on the 8 simple scenes below 0.909 (20 of 22 objects).
 MIOU_FLOOR = 0.69
 AMG_RECALL_FLOOR = 0.85
-# The README's AMG settings for this model (the official 0.88 / 0.95 thresholds keep
-# almost none of its masks).
-AMG_SETTINGS = dict(points_per_side=16, pred_iou_thresh=0.6, stability_score_thresh=0.8)
+# The demo model's AMG settings (the official 0.88 / 0.95 thresholds keep almost none of its
+# masks); scripts/amg.py uses them for --checkpoint demo.
+AMG_SETTINGS = DEMO_AMG_SETTINGS
 
 
 def _script(name, folder="scripts"):
@@ -113,13 +113,19 @@ def test_eval_combo_reports_the_checkpoint_miou(tmp_path, file_obj):
     assert abs(float(row["miou"]) - meta["heldout_point_miou"]) < 1e-3
 
 
-def test_amg_cli_takes_demo(tmp_path):
+def test_amg_cli_takes_demo(tmp_path, capsys):
+    """--checkpoint demo: the bundled model with its AMG settings (flags given still win)."""
     out = tmp_path / "out"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert _script("amg").main(["--checkpoint", "demo", "--output", str(out), "--device", "cpu",
-                                    "--points-per-side", "4", "--overlay"]) == 0
-    assert os.path.isfile(out / "demo_scene" / "metadata.csv")
+    assert _script("amg").main(["--checkpoint", "demo", "--output", str(out), "--device", "cpu",
+                                "--overlay"]) == 0
+    err = capsys.readouterr().err
+    assert "points_per_side=16, pred_iou_thresh=0.6, stability_score_thresh=0.8" in err
+    with open(out / "demo_scene" / "metadata.csv") as f:
+        assert len(f.readlines()) - 1 >= 6  # the README's run: 9 masks on the 8-object scene
     assert os.path.isfile(out / "demo_scene_overlay.png")
+    assert _script("amg").main(["--checkpoint", "demo", "--output", str(tmp_path / "o2"),
+                                "--device", "cpu", "--points-per-side", "4"]) == 0
+    assert "points_per_side=4, pred_iou_thresh=0.6" in capsys.readouterr().err
 
 
 def test_bundled_demo_image_is_reproducible(tmp_path):

@@ -29,6 +29,7 @@ from segment_anything_fast.data.demo_scenes import (  # noqa: E402
     heldout_of_checkpoint, heldout_scenes, point_prompt_masks,
 )
 from segment_anything_fast.quantize import COMPRESS_MODES  # noqa: E402
+from segment_anything_fast.validation import check_output_path  # noqa: E402
 
 SETTINGS = ["bfloat16"] + [f"bfloat16+{m}" for m in COMPRESS_MODES if m != "none"]
 FIELDS = ["setting", "status", "n_objects", "miou_gt", "iou_vs_fp32_mean", "iou_vs_fp32_min",
@@ -54,6 +55,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from bench_encoder import git_commit
 
+    try:
+        check_output_path(args.output, "--output", directory=False)
+    except ValueError as e:
+        ap.error(str(e))
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
         n, long_side, seed = heldout_of_checkpoint(ckpt)
@@ -85,6 +90,7 @@ def main(argv=None) -> int:
         rows.append(dict(meta, setting=setting, status="ok", n_objects=len(agree),
                          miou_gt=float(gt_iou(pairs).mean()), iou_vs_fp32_mean=float(agree.mean()),
                          iou_vs_fp32_min=float(agree.min()), seconds=round(time.time() - t, 1)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     new = not os.path.exists(args.output)
     with open(args.output, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)

@@ -177,3 +177,10 @@ def test_demo_fidelity_rows(tmp_path):
         assert rows[s]["status"] == "ok" and 0.5 < float(rows[s]["iou_vs_fp32_mean"]) <= 1.0
         assert int(rows[s]["n_objects"]) == int(rows["float32"]["n_objects"]) > 0
     assert rows["bfloat16+fp8"]["status"].startswith("skipped:") and "GPU" in rows["bfloat16+fp8"]["status"]
+
+
+def test_demo_fidelity_refuses_bad_output_before_work(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        demo_fidelity.main(["--device", "cpu", "--output", str(tmp_path / "afile" / "r.csv")])
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -152,14 +152,18 @@ def main():
     results = {"model_type": args.model_type, "batch_size": args.batch_size, "dtype": args.dtype,
                "attention": args.attention, "compile_mode": args.compile_mode,
                "export_args": args.export_args, "git_commit": git_commit(args.commit)}
+    def compile_child(cold: bool):
+        if cold:
+            shutil.rmtree(cache, ignore_errors=True)
+        return spawn(me + ["--child", "compile", "--cache-dir", cache], args.timeout)
+
     plan = {
         "export": lambda: spawn(python + [os.path.join(ROOT, "scripts", "export_package.py")]
                                 + common + ["--output", package] + args.export_args.split(), args.timeout),
         "package": lambda: [spawn(me + ["--child", "package", "--package", package], args.timeout)
                             for _ in range(2)],
-        "compile_cold": lambda: (shutil.rmtree(cache, ignore_errors=True),
-                                 spawn(me + ["--child", "compile", "--cache-dir", cache], args.timeout))[1],
-        "compile_warm": lambda: spawn(me + ["--child", "compile", "--cache-dir", cache], args.timeout),
+        "compile_cold": lambda: compile_child(cold=True),
+        "compile_warm": lambda: compile_child(cold=False),
     }
     needs = {"package": "export", "compile_warm": "compile_cold"}
     failed = False

@@ -42,7 +42,7 @@ from segment_anything_fast.data.coco_prompts import (  # noqa: E402
     CenterPointCache, CocoPointPromptDataset, collate_list, load_coco, mask_iou,
     select_annotations,
 )
-from segment_anything_fast.validation import check_output_path  # noqa: E402
+from segment_anything_fast.validation import check_checkpoint_arg, check_output_path  # noqa: E402
 from segment_anything_fast.distributed import (  # noqa: E402
     DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, print_failure,
     shard, shard_size,
@@ -180,16 +180,10 @@ def validate_args(args, parser) -> None:
         parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.warmup_batches is not None and args.warmup_batches < 0:
         parser.error(f"--warmup-batches must be >= 0, got {args.warmup_batches}")
-    from segment_anything_fast.build_sam import resolve_checkpoint
-
     try:
-        args.checkpoint = resolve_checkpoint(args.checkpoint)
-    except FileNotFoundError as e:
-        parser.error(f"--checkpoint: {e}")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
-    if args.model_type == "auto" and args.checkpoint is None:
-        parser.error("--model-type auto reads the architecture from --checkpoint; pass one")
+        args.checkpoint = check_checkpoint_arg(args.checkpoint, args.model_type)
+    except ValueError as e:
+        parser.error(str(e))
     if not args.dist_timeout > 0:
         parser.error(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
 

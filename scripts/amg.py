@@ -39,12 +39,12 @@ from segment_anything_fast.distributed import (  # noqa: E402
     DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, print_failure,
     shard,
 )
-from segment_anything_fast.build_sam import (  # noqa: E402
-    DEMO_AMG_SETTINGS, DEMO_CHECKPOINT, resolve_checkpoint,
+from segment_anything_fast.build_sam import DEMO_AMG_SETTINGS, DEMO_CHECKPOINT  # noqa: E402
+from segment_anything_fast.validation import (  # noqa: E402
+    check_checkpoint_arg, check_output_path, explain_os_error,
 )
-from segment_anything_fast.validation import check_output_path, explain_os_error  # noqa: E402
 
-# A generated scene of the demo model's training kind (data.demo_scenes.write_demo_image).
+# A generated scene of the demo model's training kind (data.synthetic_coco.write_sample_image with noise=True).
 SAMPLE_IMAGE = os.path.join(os.path.dirname(segment_anything_fast.__file__), "assets",
                             "demo_scene.jpg")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pbm",
@@ -427,13 +427,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.batch_images < 1:
         parser.error(f"--batch-images must be >= 1, got {args.batch_images}")
     try:
-        args.checkpoint = resolve_checkpoint(args.checkpoint)
-    except FileNotFoundError as e:
-        parser.error(f"--checkpoint: {e}")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
-    if args.model_type == "auto" and args.checkpoint is None:
-        parser.error("--model-type auto reads the architecture from --checkpoint; pass one")
+        args.checkpoint = check_checkpoint_arg(args.checkpoint, args.model_type)
+    except ValueError as e:
+        parser.error(str(e))
     if not args.dist_timeout > 0:
         parser.error(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     try:

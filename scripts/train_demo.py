@@ -35,6 +35,7 @@ from segment_anything_fast.build_sam import SAM_CONFIGS, build_sam
 from segment_anything_fast.data.demo_scenes import (
     MAX_OBJECTS, heldout_scenes, one_thread_worker, point_prompt_ious, scene_arrays,
 )
+from segment_anything_fast.utils.amg import batched_mask_to_box
 
 DEMO_CONFIG = SAM_CONFIGS["demo"]  # its trained weights ship as build_sam.DEMO_CHECKPOINT
 
@@ -172,15 +173,8 @@ def sample_prompts(masks, centers, counts, k, gen):
     rand_pt = torch.stack([pix % s, pix // s], dim=1).float()
     use_center = torch.rand(n * k, 1, generator=gen, device=dev) < 0.3
     pts = torch.where(use_center, centers[rows, obj].flatten(0, 1), rand_pt)
-    ar = torch.arange(s, device=dev, dtype=torch.float32)
-    cols, rws = gt.any(1), gt.any(2)
-    big = float(s)
-    x0 = torch.where(cols, ar, big).amin(1)
-    x1 = torch.where(cols, ar, -1.0).amax(1)
-    y0 = torch.where(rws, ar, big).amin(1)
-    y1 = torch.where(rws, ar, -1.0).amax(1)
-    boxes = torch.stack([x0, y0, x1, y1], dim=1)
-    side = torch.stack([x1 - x0, y1 - y0], dim=1).repeat(1, 2)
+    boxes = batched_mask_to_box(gt).float()  # objects are never empty
+    side = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
     noise = (torch.randn(n * k, 4, generator=gen, device=dev) * side * 0.1).clamp(-20, 20)
     return gt, pts, boxes + noise
 

@@ -388,6 +388,22 @@ def check_amg_params(
     return grids
 
 
+def check_checkpoint_arg(checkpoint, model_type) -> Optional[str]:
+    """A command line's ``--checkpoint`` (a file, "demo" for the bundled one, or None) as a
+    file path, checked together with ``--model-type``; ValueError saying what is wrong."""
+    from .build_sam import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(checkpoint)
+    except FileNotFoundError as e:
+        raise ValueError(f"--checkpoint: {e}") from None
+    if path is not None and not os.path.isfile(path):
+        raise ValueError(f"--checkpoint {path!r} does not exist")
+    if model_type == "auto" and path is None:
+        raise ValueError("--model-type auto reads the architecture from --checkpoint; pass one")
+    return path
+
+
 def check_output_path(path, flag: str = "--output", directory: bool = True) -> str:
     """An output folder (or file) that can be created: no part of it is a file, the deepest
     existing folder is writable. Creates nothing; returns the absolute path."""

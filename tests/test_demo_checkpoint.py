@@ -20,9 +20,9 @@ from segment_anything_fast.build_sam import (
 from segment_anything_fast.build_sam_fast import sam_model_fast_registry
 from segment_anything_fast.data.coco_prompts import mask_iou
 from segment_anything_fast.data.demo_scenes import (
-    demo_image_scene, heldout_scenes, point_prompt_ious, write_demo_image,
+    heldout_scenes, point_prompt_ious,
 )
-from segment_anything_fast.data.synthetic_coco import make_scene
+from segment_anything_fast.data.synthetic_coco import make_scene, sample_scene, write_sample_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Measured on CPU (float32): held-out point mIoU 0.7210 over all 40 seed-0 scenes (236 objects);
@@ -131,8 +131,8 @@ def test_amg_cli_takes_demo(tmp_path, capsys):
 def test_bundled_demo_image_is_reproducible(tmp_path):
     bundled = os.path.join(ROOT, "segment_anything_fast", "assets", "demo_scene.jpg")
     assert _script("amg").SAMPLE_IMAGE == bundled and os.path.getsize(bundled) < 150_000
-    scene = write_demo_image(tmp_path / "d.jpg")
-    assert len(scene.masks) == len(demo_image_scene().masks) >= 6
+    scene = write_sample_image(tmp_path / "d.jpg", noise=True)
+    assert len(scene.masks) == len(sample_scene(noise=True).masks) >= 6
     img = cv2.imread(bundled)
     np.testing.assert_array_equal(img, cv2.imread(str(tmp_path / "d.jpg")))
     diff = np.abs(cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(int) - scene.image).mean()

@@ -67,24 +67,6 @@ def write_heldout_coco(root: str, n: int, long_side: int, seed: int = 0,
                              f"demo held-out scenes: n={n}, long_side={long_side}, seed={seed}")
 
 
-def demo_image_scene() -> Scene:
-    """The scene of ``assets/demo_scene.jpg``, the default input of ``scripts/amg.py``: the
-    bundled ``sample.png``'s seed and size, drawn with the pixel noise of the training scenes
-    (the demo model segments noise-free images poorly)."""
-    return make_scene([2024, 3], 640, 480, num_objects=(6, 8), noise=True)
-
-
-def write_demo_image(path) -> Scene:
-    """Write :func:`demo_image_scene` as a JPEG (quality 90) to ``path``; returns the scene."""
-    import cv2
-
-    scene = demo_image_scene()
-    if not cv2.imwrite(os.fspath(path), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR),
-                       [cv2.IMWRITE_JPEG_QUALITY, 90]):
-        raise RuntimeError(f"Could not write {path}.")
-    return scene
-
-
 def heldout_of_checkpoint(path) -> Tuple[int, int, int]:
     """(n, long_side, seed) of the held-out set whose mIoU a ``scripts/train_demo.py``
     checkpoint reports (its meta's heldout_scenes and seed, its config's image_size)."""

@@ -287,10 +287,18 @@ def write_scenes_coco(root: str, scenes: Sequence[Scene], split: str = "val2017"
     return _write_instances(ann_dir, split, results, description)
 
 
-def write_sample_image(path: str) -> Scene:
-    """Write the bundled demo image (``segment_anything_fast/assets/sample.png``, 640x480)."""
-    scene = make_scene([2024, 3], 640, 480, num_objects=(6, 8), noise=False)
-    if not cv2.imwrite(path, cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR),
-                       [cv2.IMWRITE_PNG_COMPRESSION, 9]):
+def sample_scene(noise: bool = False) -> Scene:
+    """The scene of the bundled images: ``assets/sample.png`` (``noise=False``) and, with the
+    pixel noise of the demo model's training scenes, ``assets/demo_scene.jpg``."""
+    return make_scene([2024, 3], 640, 480, num_objects=(6, 8), noise=noise)
+
+
+def write_sample_image(path, noise: bool = False) -> Scene:
+    """Write :func:`sample_scene` to ``path`` (.jpg: JPEG quality 90, else PNG) and return it."""
+    path = os.fspath(path)
+    scene = sample_scene(noise)
+    params = ([cv2.IMWRITE_JPEG_QUALITY, 90] if path.lower().endswith((".jpg", ".jpeg"))
+              else [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if not cv2.imwrite(path, cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR), params):
         raise RuntimeError(f"Could not write {path}.")
     return scene

@@ -151,10 +151,11 @@ def test_end_to_end_csv_row_and_cache(synth, tmp_path, capsys):
     assert len(cache_files) == 1
     cached = json.load(open(tmp_path / "cache" / cache_files[0]))
     assert len(cached) == int(row["n_annotations"])
-    # Second run: points come from the cache, same seed -> same mIoU.
-    assert ec.main(args) == 0
+    # Second run: points come from the cache, same seed -> same mIoU; --commit is recorded.
+    assert ec.main(args + ["--commit", "abc123"]) == 0
     rows = _rows(tmp_path / "r.csv")
     assert len(rows) == 2 and rows[1]["miou"] == rows[0]["miou"]
+    assert rows[1]["git_commit"] == "abc123" and rows[0]["git_commit"] != "abc123"
 
 
 def test_missing_image_reported_and_skipped(synth, tmp_path, capsys):

@@ -21,12 +21,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+from aoti_load_check import run_child  # noqa: E402
 STEPS = ("export", "package", "compile_cold", "compile_warm")
 
 
@@ -90,15 +91,14 @@ def child(args):
 def spawn(cmd, timeout):
     if "--child" in cmd:
         cmd = cmd + ["--spawn-time", repr(time.time())]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise RuntimeError(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    res = {"process_wall_s": round(wall, 2)}  # whole child, throughput loop included
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            res.update(json.loads(line[len("RESULT "):]))
+    res, err, tail = run_child(cmd, timeout, cwd=ROOT)
+    if err:
+        hint = ""
+        if "crashed" in err and "package" in cmd:
+            hint = (" (does AOTInductor loading work here at all? python experiments/aoti_load_check.py "
+                    "--device cuda)")
+        raise RuntimeError(f"{err}{hint}: {' '.join(cmd)}\n{tail}")
+    res["process_wall_s"] = res.pop("seconds")  # whole child, throughput loop included
     return res
 
 
@@ -130,7 +130,6 @@ def main():
         return child(args)
 
     os.makedirs(args.workdir, exist_ok=True)
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     from bench_encoder import git_commit
     ckpt = args.checkpoint
     if ckpt is None:
@@ -175,7 +174,7 @@ def main():
         else:
             try:
                 results[step] = plan[step]()
-            except (RuntimeError, subprocess.TimeoutExpired) as e:  # record it, go on to the next step
+            except RuntimeError as e:  # record it, go on to the next step
                 results[step] = {"error": str(e)[-4000:]}
         failed |= isinstance(results[step], dict) and "error" in results[step]
         print(step, results[step], flush=True)

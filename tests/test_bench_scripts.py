@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(0, ROOT)
 
+import aoti_load_check  # noqa: E402
 import bench_amg  # noqa: E402
 import cold_start  # noqa: E402
 import demo_fidelity  # noqa: E402
@@ -184,3 +185,27 @@ def test_demo_fidelity_refuses_bad_output_before_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo_fidelity.main(["--device", "cpu", "--output", str(tmp_path / "afile" / "r.csv")])
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_aoti_load_check_passes_on_cpu(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    assert aoti_load_check.main(["--device", "cpu", "--workdir", str(tmp_path), "--output", str(out)]) == 0
+    r = json.load(open(out))["cpu"]
+    assert r["ok"] and r["compile"]["ok"] and r["load"]["max_abs_err"] < 1e-3
+    assert "cpu: ok" in capsys.readouterr().out
+
+
+def test_aoti_load_check_reports_a_crashing_child():
+    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+    r = aoti_load_check.run_step(crash, timeout=60)
+    assert not r["ok"] and r["error"] == "crashed (SIGSEGV)"
+    r = aoti_load_check.run_step([sys.executable, "-c", "import json; print('RESULT', json.dumps({'ok': True}))"], timeout=60)
+    assert r["ok"] and "error" not in r
+    r = aoti_load_check.run_step([sys.executable, "-c", "raise SystemExit(3)"], timeout=60)
+    assert not r["ok"] and r["error"] == "exit code 3"
+
+
+def test_aoti_load_check_refuses_a_missing_output_folder(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        aoti_load_check.main(["--device", "cpu", "--output", str(tmp_path / "no" / "x.json")])
+    assert e.value.code == 2

@@ -122,13 +122,18 @@ def build_original(model_type: str, device):
     return sam.to(device).eval()  # pixel_mean/std ignore the device context
 
 
-def make_state_dict(model_type: str, device, seed: int, checkpoint=None):
-    """The weights every implementation loads: --checkpoint, else random (no zero tables);
-    the demo model defaults to its bundled trained checkpoint."""
+def weights_file(model_type: str, checkpoint=None):
+    """--checkpoint; for the demo model by default its bundled trained checkpoint; else None."""
     if model_type == "demo" and not checkpoint:
         from segment_anything_fast.build_sam import resolve_checkpoint
 
-        checkpoint = resolve_checkpoint("demo")
+        return resolve_checkpoint("demo")
+    return checkpoint or None
+
+
+def make_state_dict(model_type: str, device, seed: int, checkpoint=None):
+    """The weights every implementation loads: :func:`weights_file`, else random (no zero tables)."""
+    checkpoint = weights_file(model_type, checkpoint)
     if checkpoint:
         from segment_anything_fast.build_sam import load_state_dict_file
 
@@ -377,7 +382,7 @@ def main(argv=None):
                 torch=torch.__version__, commit=bench_encoder.git_commit(args.commit),
                 device=str(dev), image=os.path.basename(args.image),
                 image_hw=f"{image.shape[0]}x{image.shape[1]}", points_per_side=args.points_per_side,
-                weights=args.checkpoint or f"random(seed={args.seed})", argv=sys.argv[1:] if argv is None else argv)
+                argv=sys.argv[1:] if argv is None else argv)
     bench_encoder.log(meta)
     summary = {}
     for model_type in args.model_type:
@@ -389,7 +394,9 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
     log = bench_encoder.log
     stem = os.path.join(args.out_dir, f"amg_{model_type}")
     rows: List[dict] = []
-    info = dict(meta, model=model_type)
+    ckpt = weights_file(model_type, args.checkpoint)
+    info = dict(meta, model=model_type,
+                weights=os.path.relpath(ckpt, ROOT) if ckpt else f"random(seed={args.seed})")
 
     def save():
         with open(stem + ".json", "w") as f:

@@ -102,9 +102,17 @@ def test_bench_amg_cpu_smoke(tmp_path):
     assert rows[1]["matched_iou_mean"] != "" and int(rows[1]["n_orig_masks"]) == int(rows[0]["n_masks"])
     assert rows[0]["threshold_source"].startswith("auto")
     assert all(float(r["box_nms_thresh"]) == 1.0 for r in rows)
+    assert all(r["weights"] == "random(seed=0)" for r in rows)
     meta = json.loads((out / "amg_tiny.json").read_text())
     assert meta["meta"]["torch"] == torch.__version__ and len(meta["rows"]) == 2
     assert (out / "amg_tiny_overlay.png").stat().st_size > 0
+
+
+def test_bench_amg_names_the_weights_it_loads():
+    demo = bench_amg.weights_file("demo")
+    assert demo.endswith("sam_demo.pt") and os.path.isfile(demo)
+    assert bench_amg.weights_file("demo", "mine.pt") == "mine.pt"
+    assert bench_amg.weights_file("vit_h") is None
 
 
 def test_bench_amg_bad_flags(tmp_path):

@@ -206,6 +206,30 @@ def test_generate_parity_options(models, kw):
     _same_records(SamAutomaticMaskGenerator(ours, **kw).generate(img), OrigAMG(orig, **kw).generate(img), "binary_mask")
 
 
+def test_binary_masks_skip_the_rle_round_trip(models, monkeypatch):
+    """binary_mask output without small-region cleanup copies the masks to the host directly
+    (no RLE encode/decode); each segmentation owns its memory and the output is the original's."""
+    import segment_anything_fast.automatic_mask_generator as amg_mod
+
+    ours, orig = models
+    img = _blocks(1)
+    kw = dict(BASE, box_nms_thresh=0.7)
+    want = OrigAMG(orig, **kw).generate(img)
+
+    def no_rle(*a, **k):
+        raise AssertionError("RLE used for binary_mask output")
+
+    monkeypatch.setattr(amg_mod, "mask_to_rle_pytorch", no_rle)
+    monkeypatch.setattr(amg_mod, "rle_to_mask", no_rle)
+    got = SamAutomaticMaskGenerator(ours, **kw).generate(img)
+    _same_records(got, want, "binary_mask")
+    assert len(got) >= 5
+    for r in got:
+        assert r["segmentation"].shape == img.shape[:2] and r["area"] == int(r["segmentation"].sum())
+    with pytest.raises(AssertionError, match="RLE used"):  # the cleanup still works on RLEs
+        SamAutomaticMaskGenerator(ours, **dict(kw, min_mask_region_area=20)).generate(img)
+
+
 def test_cpu_iou_prefilter_keeps_the_original_output(models):
     """On the CPU only candidates passing pred_iou_thresh are upscaled and scored; with a
     threshold that splits the candidates, the output is still the original's."""

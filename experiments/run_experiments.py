@@ -194,6 +194,8 @@ def build_parser():
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="steps that would start after this many seconds are recorded as skipped")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results", "waterfall"))
+    ap.add_argument("--commit", default="", help="passed to eval_combo: the code's git commit "
+                                                  "(for a copy without .git)")
     return ap
 
 
@@ -262,6 +264,8 @@ def main(argv=None) -> List[dict]:
                 argv_ec += ["--checkpoint", args.checkpoint]
             if args.warmup_batches is not None:
                 argv_ec += ["--warmup-batches", str(args.warmup_batches)]
+            if args.commit:
+                argv_ec += ["--commit", args.commit]
             t = time.time()
             print(f"[{t - t0:6.0f}s] {model} {step}: {s}", flush=True)
             try:

@@ -135,7 +135,7 @@ def test_run_experiments_cpu_smoke(tmp_path):
     out = tmp_path / "wf"
     rows = run_experiments.main(["--device", "cpu", "--models", "tiny", "--steps", "bf16,fp32",
                                  "--limit", "2", "--synth-size", "96x64", "--num-workers", "0",
-                                 "--warmup-batches", "0", "--out-dir", str(out)])
+                                 "--warmup-batches", "0", "--out-dir", str(out), "--commit", "c0ffee"])
     assert [r["step"] for r in rows] == ["fp32", "bf16"]  # waterfall order
     with open(out / "waterfall.csv", newline="") as f:
         csv_rows = list(csv.DictReader(f))
@@ -144,6 +144,7 @@ def test_run_experiments_cpu_smoke(tmp_path):
         assert col in csv_rows[0], col
     assert [r["status"] for r in csv_rows] == ["ok", "ok"]
     assert [r["dtype"] for r in csv_rows] == ["float32", "bfloat16"]
+    assert all(r["git_commit"] == "c0ffee" for r in csv_rows)
     assert all(float(r["img_per_s_model"]) > 0 and 0 <= float(r["miou"]) <= 1 for r in csv_rows)
     md = (out / "waterfall.md").read_text()
     assert "| tiny | fp32 |" in md and "| tiny | bf16 |" in md

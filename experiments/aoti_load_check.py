@@ -48,21 +48,32 @@ def child(step, device, package):
     print("RESULT " + json.dumps({"ok": err < 1e-3, "max_abs_err": err}), flush=True)
 
 
+def _text(out) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
 def run_child(cmd, timeout, cwd=None):
     """Run a child that prints ``RESULT {json}`` lines. Returns (its results merged, with
-    "seconds"; the error as text or None: timeout, crash signal or exit code; output tail)."""
+    "seconds"; the error as text or None: timeout, crash signal, exit code or an unreadable
+    RESULT line; the tail of its stdout + stderr)."""
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    except subprocess.TimeoutExpired:
-        return {"seconds": timeout}, f"timed out after {timeout} s", ""
-    res = {"seconds": round(time.perf_counter() - t, 2)}
+    except subprocess.TimeoutExpired as e:
+        return {"seconds": timeout}, f"timed out after {timeout} s", _text(e.stdout)[-3000:] + _text(e.stderr)[-3000:]
+    res, err = {"seconds": round(time.perf_counter() - t, 2)}, None
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            res.update(json.loads(line[len("RESULT "):]))
-    err = None
+            try:
+                res.update(json.loads(line[len("RESULT "):]))
+            except ValueError:
+                err = f"unreadable result line {line[:200]!r}"
     if proc.returncode < 0:
-        err = f"crashed ({signal.Signals(-proc.returncode).name})"
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        err = f"crashed ({name})"
     elif proc.returncode:
         err = f"exit code {proc.returncode}"
     return res, err, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -123,12 +123,21 @@ def build_original(model_type: str, device):
 
 
 def weights_file(model_type: str, checkpoint=None):
-    """--checkpoint; for the demo model by default its bundled trained checkpoint; else None."""
-    if model_type == "demo" and not checkpoint:
-        from segment_anything_fast.build_sam import resolve_checkpoint
+    """--checkpoint (a bundled name such as "demo" resolved to its file); for the demo model by
+    default its bundled trained checkpoint; else None (random weights)."""
+    from segment_anything_fast.build_sam import resolve_checkpoint
 
-        return resolve_checkpoint("demo")
-    return checkpoint or None
+    if model_type == "demo" and not checkpoint:
+        checkpoint = "demo"
+    return resolve_checkpoint(checkpoint) if checkpoint else None
+
+
+def weights_label(path, seed: int) -> str:
+    """How a results row names the weights: the file (relative to the repo when inside it)."""
+    if not path:
+        return f"random(seed={seed})"
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
 def make_state_dict(model_type: str, device, seed: int, checkpoint=None):
@@ -395,8 +404,7 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
     stem = os.path.join(args.out_dir, f"amg_{model_type}")
     rows: List[dict] = []
     ckpt = weights_file(model_type, args.checkpoint)
-    info = dict(meta, model=model_type,
-                weights=os.path.relpath(ckpt, ROOT) if ckpt else f"random(seed={args.seed})")
+    info = dict(meta, model=model_type, weights=weights_label(ckpt, args.seed))
 
     def save():
         with open(stem + ".json", "w") as f:

@@ -88,16 +88,23 @@ def child(args):
     }), flush=True)
 
 
+class ChildFailed(RuntimeError):
+    """A child process failed; ``record`` is what the results JSON keeps of it."""
+
+    def __init__(self, error: str, cmd, tail: str):
+        super().__init__(error)
+        self.record = {"error": error, "cmd": " ".join(cmd), "output_tail": tail[-4000:]}
+
+
 def spawn(cmd, timeout):
     if "--child" in cmd:
         cmd = cmd + ["--spawn-time", repr(time.time())]
     res, err, tail = run_child(cmd, timeout, cwd=ROOT)
     if err:
-        hint = ""
         if "crashed" in err and "package" in cmd:
-            hint = (" (does AOTInductor loading work here at all? python experiments/aoti_load_check.py "
+            err += (" (does AOTInductor loading work here at all? python experiments/aoti_load_check.py "
                     "--device cuda)")
-        raise RuntimeError(f"{err}{hint}: {' '.join(cmd)}\n{tail}")
+        raise ChildFailed(err, cmd, tail)
     res["process_wall_s"] = res.pop("seconds")  # whole child, throughput loop included
     return res
 
@@ -174,8 +181,8 @@ def main():
         else:
             try:
                 results[step] = plan[step]()
-            except RuntimeError as e:  # record it, go on to the next step
-                results[step] = {"error": str(e)[-4000:]}
+            except ChildFailed as e:  # record it, go on to the next step
+                results[step] = e.record
         failed |= isinstance(results[step], dict) and "error" in results[step]
         print(step, results[step], flush=True)
         if "package" in results and "compile_cold" in results and not failed:

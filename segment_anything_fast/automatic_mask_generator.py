@@ -5,7 +5,8 @@ runs on the model's device without host syncs: per batch the decoder output is s
 (predicted IoU, stability, box, crop-edge test) on the device, and only the low-resolution
 logits of the candidates are kept. Candidates are filtered and de-duplicated (our own
 batched NMS, no torchvision) after the loop, and full-resolution masks are rebuilt from the
-low-res logits only for the survivors, then run-length encoded. COCO RLE and
+low-res logits only for the survivors, then run-length encoded, or for 'binary_mask' output
+without ``min_mask_region_area`` copied to the host as they are. COCO RLE and
 ``min_mask_region_area`` (OpenCV) run on the CPU.
 """
 import warnings
@@ -144,7 +145,9 @@ class SamAutomaticMaskGenerator:
 
         Each record has ``segmentation`` (HxW bool array or RLE dict per ``output_mode``),
         ``area`` (int), ``bbox`` (XYWH), ``predicted_iou``, ``point_coords`` ([[x, y]]),
-        ``stability_score`` and ``crop_box`` (XYWH).
+        ``stability_score`` and ``crop_box`` (XYWH). Without ``min_mask_region_area`` the
+        'binary_mask' arrays are views of one host block per batch of masks (kept alive while
+        any of them is referenced); ``.copy()`` the few you keep of many.
         """
         validation.check_image(image, "RGB", self.predictor.transform.target_length)
         return self._finish(self._generate_masks(image))

@@ -208,7 +208,7 @@ def test_generate_parity_options(models, kw):
 
 def test_binary_masks_skip_the_rle_round_trip(models, monkeypatch):
     """binary_mask output without small-region cleanup copies the masks to the host directly
-    (no RLE encode/decode); each segmentation owns its memory and the output is the original's."""
+    (no RLE encode/decode), with the original's output."""
     import segment_anything_fast.automatic_mask_generator as amg_mod
 
     ours, orig = models

@@ -112,7 +112,10 @@ def test_bench_amg_names_the_weights_it_loads():
     demo = bench_amg.weights_file("demo")
     assert demo.endswith("sam_demo.pt") and os.path.isfile(demo)
     assert bench_amg.weights_file("demo", "mine.pt") == "mine.pt"
-    assert bench_amg.weights_file("vit_h") is None
+    assert bench_amg.weights_file("vit_h", "demo") == demo and bench_amg.weights_file("vit_h") is None
+    assert bench_amg.weights_label(demo, 0) == os.path.join("segment_anything_fast", "assets", "sam_demo.pt")
+    assert bench_amg.weights_label("/elsewhere/x.pth", 0) == "/elsewhere/x.pth"
+    assert bench_amg.weights_label(None, 3) == "random(seed=3)"
 
 
 def test_bench_amg_bad_flags(tmp_path):
@@ -170,7 +173,8 @@ def test_cold_start_records_a_failed_step_and_exits_nonzero(tmp_path, monkeypatc
         "--output", str(out)])
     assert cold_start.main() == 1
     res = json.loads(out.read_text())
-    assert "compiled package not found" in res["package"]["error"]
+    assert res["package"]["error"] == "exit code 1" and "--child package" in res["package"]["cmd"]
+    assert "compiled package not found" in res["package"]["output_tail"]
     assert "compile_cold" not in res and not list(tmp_path.glob("*.tmp"))
 
 
@@ -212,6 +216,11 @@ def test_aoti_load_check_reports_a_crashing_child():
     assert r["ok"] and "error" not in r
     r = aoti_load_check.run_step([sys.executable, "-c", "raise SystemExit(3)"], timeout=60)
     assert not r["ok"] and r["error"] == "exit code 3"
+    r = aoti_load_check.run_step([sys.executable, "-c", "print('RESULT {oops')"], timeout=60)
+    assert not r["ok"] and r["error"].startswith("unreadable result line")
+    slow = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"]
+    r = aoti_load_check.run_step(slow, timeout=2)
+    assert r["error"] == "timed out after 2 s" and "started" in r["output_tail"]
 
 
 def test_aoti_load_check_refuses_a_missing_output_folder(tmp_path):

@@ -121,7 +121,7 @@ def test_amg_cli_takes_demo(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "points_per_side=16, pred_iou_thresh=0.6, stability_score_thresh=0.8" in err
     with open(out / "demo_scene" / "metadata.csv") as f:
-        assert len(f.readlines()) - 1 >= 6  # the README's run: 9 masks on the 8-object scene
+        assert len(f.readlines()) - 1 >= 6  # the README's run: 13 masks on the 8-object scene
     assert os.path.isfile(out / "demo_scene_overlay.png")
     assert _script("amg").main(["--checkpoint", "demo", "--output", str(tmp_path / "o2"),
                                 "--device", "cpu", "--points-per-side", "4"]) == 0

@@ -141,8 +141,8 @@ def weights_label(path, seed: int) -> str:
 
 
 def make_state_dict(model_type: str, device, seed: int, checkpoint=None):
-    """The weights every implementation loads: :func:`weights_file`, else random (no zero tables)."""
-    checkpoint = weights_file(model_type, checkpoint)
+    """The weights every implementation loads: the ``checkpoint`` file (:func:`weights_file`),
+    else random (no zero tables)."""
     if checkpoint:
         from segment_anything_fast.build_sam import load_state_dict_file
 
@@ -415,7 +415,7 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
             for r in rows:
                 w.writerow({**info, **r})
 
-    sd = make_state_dict(model_type, dev, args.seed, args.checkpoint)
+    sd = make_state_dict(model_type, dev, args.seed, ckpt)
     orig = build_original(model_type, dev)
     orig.load_state_dict(sd)
 

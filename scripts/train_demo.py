@@ -144,7 +144,7 @@ class ScenePool:
         images (n, 3, S, S) uint8, masks (n, M, S, S), centers (n, M, 2), counts (n,), hw (n, 2)."""
         dev = self.images.device
         ids = torch.randperm(len(self), generator=gen, device=dev)[:n]
-        images, masks, centers = self.images[ids], self.masks[ids], self.centers[ids].clone()
+        images, masks, centers = self.images[ids], self.masks[ids], self.centers[ids]  # copies
         counts, hw = self.counts[ids], self.hw[ids]
         flip = torch.rand(n, generator=gen, device=dev) < 0.5
         w = hw[:, 1:]

@@ -44,7 +44,7 @@ OURS_COMPILE = ("none", "default", "reduce-overhead", "max-autotune", "max-autot
 PEER_COMPILE = ("none", "default", "reduce-overhead", "max-autotune")
 CSV_FIELDS = (
     "model", "impl", "dtype", "compile", "points_per_batch", "status", "s_per_image",
-    "first_call_s", "n_masks", "n_orig_masks", "n_matched", "matched_iou_mean", "matched_iou_min",
+    "encoder_s", "first_call_s", "n_masks", "n_orig_masks", "n_matched", "matched_iou_mean", "matched_iou_min",
     "set_iou", "speedup_vs_orig", "speedup_vs_peer", "pred_iou_thresh", "stability_thresh",
     "box_nms_thresh", "threshold_source", "points_per_side", "image", "image_hw", "weights", "device", "gpu",
     "torch", "commit",
@@ -277,6 +277,21 @@ def time_generate(gen, image, device, warmup: int, iters: int):
     return first, (times[len(times) // 2] if times else first), out
 
 
+def time_set_image(gen, image, device, iters: int) -> float:
+    """Median seconds of the generator's ``predictor.set_image`` alone (the image encoder and
+    its preprocessing): the rest of ``generate`` is prompts, decoder and post-processing."""
+    times = []
+    for _ in range(max(1, iters)):
+        sync(device)
+        t = time.perf_counter()
+        gen.predictor.set_image(image)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    gen.predictor.reset_image()
+    times.sort()
+    return times[len(times) // 2]
+
+
 def binary_masks(records) -> List[np.ndarray]:
     return [np.asarray(r["segmentation"], dtype=bool) for r in records]
 
@@ -342,6 +357,9 @@ def build_parser():
                     help="the competitor's image-encoder compile mode (its builder uses max-autotune)")
     ap.add_argument("--peer-path", default=None,
                     help="folder holding sam_fast_peer (default: .peer/ in the repo, else /work/shared/peer)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing ours, profile one generate() call (GPU kernels when on CUDA, "
+                         "host ops) into amg_<model>_profile_ours.txt")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="skip implementations that would start after this many seconds")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
@@ -511,8 +529,15 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
             first, s, out = time_generate(gen, image, dev, args.warmup, iters)
             results[impl] = binary_masks(out)
             timing[impl] = s
-            record(impl, dtype, mode, ppb, "ok", s_per_image=s, first_call_s=first,
-                   n_masks=len(out), build_s=time.time() - t - first)
+            build_s = time.time() - t - first
+            enc_s = time_set_image(gen, image, dev, iters)
+            record(impl, dtype, mode, ppb, "ok", s_per_image=s, encoder_s=enc_s, first_call_s=first,
+                   n_masks=len(out), build_s=build_s)
+            if impl == "ours" and args.profile:
+                text = bench_encoder.profile(lambda: gen.generate(image), f"ours AMG {model_type}",
+                                             calls=1, top=30, cpu=True)
+                with open(stem + "_profile_ours.txt", "w") as f:
+                    f.write(text + "\n")
         except torch.cuda.OutOfMemoryError:
             record(impl, dtype, mode, ppb, "OOM")
         except Exception as e:  # one failing implementation must not lose the others
@@ -546,7 +571,7 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
 
     print(f"\n{model_type}: {info['image_hw']} image, {args.points_per_side}x{args.points_per_side} points, "
           f"pred_iou_thresh {t_iou:.4f}, stability {t_stab:.4f}, box NMS {args.box_nms_thresh} ({source})")
-    print(f"{'impl':6s} {'dtype':9s} {'compile':32s} {'s/img':>8s} {'first s':>8s} {'masks':>6s} "
+    print(f"{'impl':6s} {'dtype':9s} {'compile':32s} {'s/img':>8s} {'encoder':>8s} {'first s':>8s} {'masks':>6s} "
           f"{'x orig':>7s} {'x peer':>7s} {'matched IoU':>12s} {'matched':>8s}")
     for r in rows:
         if r["status"] != "ok":
@@ -556,7 +581,7 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
         def f(k, fmt):
             return format(r[k], fmt) if k in r else "-".rjust(int(fmt.split(".")[0]))
 
-        print(f"{r['impl']:6s} {r['dtype']:9s} {r['compile']:32s} {r['s_per_image']:8.3f} "
+        print(f"{r['impl']:6s} {r['dtype']:9s} {r['compile']:32s} {r['s_per_image']:8.3f} {r['encoder_s']:8.3f} "
               f"{r['first_call_s']:8.1f} {r['n_masks']:6d} {f('speedup_vs_orig', '7.2f')} "
               f"{f('speedup_vs_peer', '7.2f')} {f('matched_iou_mean', '12.4f')} "
               f"{str(r.get('n_matched', '-')) + '/' + str(r.get('n_orig_masks', '-')):>8s}")

@@ -154,20 +154,40 @@ def time_encoder(enc, x, iters, sync_check):
     return first, ms[len(ms) // 2], peak, sync_free
 
 
-def profile(enc, x, label, top=25):
-    """Print the kernels taking the most GPU time over 3 calls, grouped by name."""
+def profile(fn, label, calls=3, top=25, cpu=False) -> str:
+    """Print (and return) the kernels taking the most GPU time over ``calls`` calls of ``fn()``,
+    grouped by name; with ``cpu`` (always without CUDA) also the wall time per call and the
+    busiest host ops."""
     from torch.profiler import ProfilerActivity, profile as prof
 
-    with torch.no_grad(), prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(3):
-            enc(x)
-        torch.cuda.synchronize()
-    evs = [e for e in p.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in evs)
-    print(f"--- profile {label}: {total / 3e3:.2f} ms GPU per call in {len(evs)} kernel names")
-    for e in sorted(evs, key=lambda e: -e.device_time_total)[:top]:
-        print(f"{e.device_time_total / 3e3:8.3f} ms {100 * e.device_time_total / total:5.1f}% "
-              f"x{e.count // 3:<4d} {e.key[:110]}")
+    gpu = torch.cuda.is_available()
+    cpu = cpu or not gpu
+    acts = ([ProfilerActivity.CUDA] if gpu else []) + ([ProfilerActivity.CPU] if cpu else [])
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    with torch.no_grad(), prof(activities=acts) as p:
+        for _ in range(calls):
+            fn()
+        sync()
+    wall = (time.perf_counter() - t) / calls
+    avg = p.key_averages()
+    lines = []
+    if gpu:
+        evs = [e for e in avg if e.device_time_total > 0 and e.device_type != torch.autograd.DeviceType.CPU]
+        total = sum(e.device_time_total for e in evs)
+        lines.append(f"--- profile {label}: {total / calls / 1e3:.2f} ms GPU per call in {len(evs)} kernel names")
+        for e in sorted(evs, key=lambda e: -e.device_time_total)[:top]:
+            lines.append(f"{e.device_time_total / calls / 1e3:8.3f} ms {100 * e.device_time_total / total:5.1f}% "
+                         f"x{e.count // calls:<5d} {e.key[:110]}")
+    if cpu:
+        lines.append(f"--- {label}: {wall * 1e3:.2f} ms wall per call (profiler on); host ops by self "
+                     "CPU time per call")
+        for e in sorted(avg, key=lambda e: -e.self_cpu_time_total)[:top]:
+            lines.append(f"{e.self_cpu_time_total / calls / 1e3:8.3f} ms x{e.count // calls:<5d} {e.key[:110]}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
 
 
 def embed(enc, imgs, batch, dtype):
@@ -255,7 +275,7 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--fid-images", type=int, default=4)
     ap.add_argument("--predictor", action="store_true", help="also time set_image + 64 points")
-    ap.add_argument("--profile", action="store_true", help="print ours' top GPU kernels")
+    ap.add_argument("--profile", action="store_true", help="print ours' top GPU kernels (CUDA only)")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="skip measurements that would start after this many seconds")
     ap.add_argument("--out-dir", default="experiments/results")
@@ -342,7 +362,7 @@ def main():
             first, ms, peak, sync_free = time_encoder(enc, x, args.iters, sync_check)
             if args.profile and impl.startswith("ours"):
                 try:
-                    profile(enc, x, f"{impl} {mode} b{batch}")
+                    profile(lambda: enc(x), f"{impl} {mode} b{batch}")
                 except Exception as e:
                     log("profile failed:", repr(e)[:200])
             emb = embed(enc, fid_x, batch, dtype)

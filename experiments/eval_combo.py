@@ -56,7 +56,8 @@ CSV_FIELDS = (
     "timestamp", "model_type", "checkpoint", "device", "dtype", "compile", "attention",
     "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
     "n_annotations", "n_skipped_images", "warmup_batches", "timed_images", "miou",
-    "img_per_s_model", "img_per_s_end_to_end", "peak_gpu_memory_mib", "gpu_name",
+    "img_per_s_model", "img_per_s_end_to_end", "img_per_s_encoder_only", "end_to_end_vs_encoder",
+    "peak_gpu_memory_mib", "gpu_name",
     "torch_version", "git_commit", "annotations", "world_size", "per_rank_img_per_s",
 )
 
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup-batches", type=int, default=None,
                    help="batches excluded from throughput (compile/autotune; default 1, or 3 with "
                         "--compile); mIoU always covers every image")
+    o.add_argument("--encoder-iters", type=int, default=10,
+                   help="after the evaluation, time the same image encoder alone on random "
+                        "full batches this many times (2 untimed calls first) and report its img/s "
+                        "next to the pipeline's, so that the pipeline overhead is measured in one "
+                        "run; 0 skips it (default 10)")
     o.add_argument("--output", default="results.csv",
                    help="CSV file to append one row to (created with a header; default results.csv)")
     o.add_argument("--commit", default="",
@@ -181,6 +187,8 @@ def validate_args(args, parser) -> None:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
     if args.num_workers < 0:
         parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.encoder_iters < 0:
+        parser.error(f"--encoder-iters must be >= 0, got {args.encoder_iters}")
     if args.warmup_batches is not None and args.warmup_batches < 0:
         parser.error(f"--warmup-batches must be >= 0, got {args.warmup_batches}")
     try:
@@ -336,6 +344,27 @@ def predict_batch(sam, items: List[dict], mode: str, device, dtype) -> List[torc
     return out
 
 
+@torch.inference_mode()
+def time_encoder(sam, batch_size: int, device, dtype, iters: int) -> float:
+    """Images/s of ``sam.image_encoder`` alone on random (batch_size, 3, S, S) inputs of the
+    model dtype: 2 untimed calls, then ``iters`` timed ones (synchronised, wall clock)."""
+    size = sam.image_encoder.img_size
+    x = torch.randn(batch_size, 3, size, size, device=device).to(dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):
+        sam.image_encoder(x)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        sam.image_encoder(x)
+    sync()
+    return batch_size * iters / (time.perf_counter() - t0)
+
+
 def git_commit(given: str = "") -> str:
     """``given`` (``--commit``, for a copy of the code without .git), else ``git describe``."""
     if given:
@@ -438,7 +467,11 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
     t_end = time.perf_counter()
     if ctx.is_main:
         print("", file=sys.stderr)
+    encoder_ips = None
+    if args.encoder_iters and error is None:
+        encoder_ips = time_encoder(sam, args.batch_size, device, dtype, args.encoder_iters)
     return {
+        "encoder_ips": encoder_ips,
         "rank": ctx.rank,
         "ious": [(i, t.double().cpu().numpy()) for i, t in ious],
         "skipped": skipped, "n_images": n_images, "n_timed": n_timed, "warmup": warmup,
@@ -530,6 +563,10 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
         f"{p['n_timed'] / p['timed_wall']:.4f}" if p["n_timed"] and p["timed_wall"] > 0 else "-"
         for p in parts)
     peaks = [p["peak_mib"] for p in parts if p["peak_mib"] is not None]
+    # Ranks run side by side on their own GPUs: their encoder rates add up.
+    enc = [p["encoder_ips"] for p in parts if p["encoder_ips"]]
+    encoder_ips = sum(enc) if len(enc) == len(parts) else None
+    e2e = n_timed / wall if n_timed and wall > 0 else None
     row = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_type": "custom" if args.config_json else model_config(args),
@@ -544,6 +581,8 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
         # Aggregate over ranks: all timed images / the slowest rank's time.
         "img_per_s_model": round(n_timed / model_time, 4) if n_timed else "",
         "img_per_s_end_to_end": round(n_timed / wall, 4) if n_timed else "",
+        "img_per_s_encoder_only": round(encoder_ips, 4) if encoder_ips else "",
+        "end_to_end_vs_encoder": round(e2e / encoder_ips, 4) if e2e and encoder_ips else "",
         "peak_gpu_memory_mib": round(max(peaks), 1) if peaks else "",
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_version": torch.__version__, "git_commit": git_commit(args.commit),
@@ -596,6 +635,10 @@ def _report(args, ctx: DistContext, row: Dict[str, object]) -> None:
               "warm-up batch(es))")
         if ctx.world_size > 1:
             print(f"per rank (end to end img/s): {row['per_rank_img_per_s']}")
+    if row["img_per_s_encoder_only"] != "":
+        ratio = row["end_to_end_vs_encoder"]
+        print(f"image encoder alone: {row['img_per_s_encoder_only']} img/s at batch "
+              f"{row['batch_size']}" + (f"; end to end = {ratio:.1%} of it" if ratio != "" else ""))
     if row["peak_gpu_memory_mib"] != "":
         print(f"peak GPU memory: {row['peak_gpu_memory_mib']} MiB on {row['gpu_name']}")
     print(f"appended a row to {args.output}")

@@ -82,8 +82,8 @@ def _num(v):
 
 def write_markdown(rows: List[dict], path: str) -> None:
     lines = ["| model | step | dtype | compile | attention | prompts | compress | img/s model | "
-             "img/s e2e | x fp32 | mIoU | peak MiB | status |",
-             "|" + "---|" * 13]
+             "img/s e2e | encoder alone | e2e / encoder | x fp32 | mIoU | peak MiB | status |",
+             "|" + "---|" * 15]
     base = {}
     for r in rows:
         ips = _num(r.get("img_per_s_model"))
@@ -96,6 +96,8 @@ def write_markdown(rows: List[dict], path: str) -> None:
                  r.get("prompt_batching", ""), r.get("compress", ""),
                  f"{ips:.1f}" if ips else "-",
                  f"{_num(r.get('img_per_s_end_to_end')):.1f}" if _num(r.get("img_per_s_end_to_end")) else "-",
+                 f"{_num(r.get('img_per_s_encoder_only')):.1f}" if _num(r.get("img_per_s_encoder_only")) else "-",
+                 f"{_num(r.get('end_to_end_vs_encoder')):.2f}" if _num(r.get("end_to_end_vs_encoder")) else "-",
                  f"{ips / b:.2f}" if ips and b else "-",
                  f"{_num(r.get('miou')):.4f}" if _num(r.get("miou")) is not None else "-",
                  str(r.get("peak_gpu_memory_mib", "") or "-"), r["status"].replace("|", "/")[:120]]
@@ -191,6 +193,8 @@ def build_parser():
     ap.add_argument("--checkpoint", default=None, help="state dict (default: random weights, seed 0)")
     ap.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--warmup-batches", type=int, default=None, help="passed to eval_combo")
+    ap.add_argument("--encoder-iters", type=int, default=None,
+                    help="passed to eval_combo: timed calls of the image encoder alone (0: skip)")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="steps that would start after this many seconds are recorded as skipped")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results", "waterfall"))
@@ -264,6 +268,8 @@ def main(argv=None) -> List[dict]:
                 argv_ec += ["--checkpoint", args.checkpoint]
             if args.warmup_batches is not None:
                 argv_ec += ["--warmup-batches", str(args.warmup_batches)]
+            if args.encoder_iters is not None:
+                argv_ec += ["--encoder-iters", str(args.encoder_iters)]
             if args.commit:
                 argv_ec += ["--commit", args.commit]
             t = time.time()

@@ -90,7 +90,7 @@ def test_bench_amg_cpu_smoke(tmp_path):
     out = tmp_path / "amg"
     bench_amg.main(["--device", "cpu", "--model-type", "tiny", "--impls", "orig,ours",
                     "--resize-long", "64", "--points-per-side", "6", "--iters", "1", "--warmup", "0",
-                    "--target-candidates", "30", "--box-nms-thresh", "1.0", "--out-dir", str(out)])
+                    "--target-candidates", "30", "--box-nms-thresh", "1.0", "--profile", "--out-dir", str(out)])
     with open(out / "amg_tiny.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["impl"] for r in rows] == ["orig", "ours"]
@@ -99,6 +99,9 @@ def test_bench_amg_cpu_smoke(tmp_path):
                 "pred_iou_thresh", "stability_thresh", "threshold_source", "points_per_side"):
         assert rows[1][col] != "", col
     assert float(rows[1]["s_per_image"]) > 0 and rows[1]["gpu"] == "cpu"
+    assert all(float(r["encoder_s"]) > 0 for r in rows)
+    prof = (out / "amg_tiny_profile_ours.txt").read_text()
+    assert "wall per call" in prof and "aten::" in prof
     assert rows[1]["matched_iou_mean"] != "" and int(rows[1]["n_orig_masks"]) == int(rows[0]["n_masks"])
     assert rows[0]["threshold_source"].startswith("auto")
     assert all(float(r["box_nms_thresh"]) == 1.0 for r in rows)
@@ -138,18 +141,23 @@ def test_run_experiments_cpu_smoke(tmp_path):
     out = tmp_path / "wf"
     rows = run_experiments.main(["--device", "cpu", "--models", "tiny", "--steps", "bf16,fp32",
                                  "--limit", "2", "--synth-size", "96x64", "--num-workers", "0",
-                                 "--warmup-batches", "0", "--out-dir", str(out), "--commit", "c0ffee"])
+                                 "--warmup-batches", "0", "--encoder-iters", "1", "--out-dir", str(out),
+                                 "--commit", "c0ffee"])
     assert [r["step"] for r in rows] == ["fp32", "bf16"]  # waterfall order
     with open(out / "waterfall.csv", newline="") as f:
         csv_rows = list(csv.DictReader(f))
     for col in ("model", "step", "status", "dtype", "miou", "img_per_s_model", "gpu_name",
-                "torch_version", "git_commit"):
+                "torch_version", "git_commit", "img_per_s_encoder_only", "end_to_end_vs_encoder"):
         assert col in csv_rows[0], col
     assert [r["status"] for r in csv_rows] == ["ok", "ok"]
     assert [r["dtype"] for r in csv_rows] == ["float32", "bfloat16"]
     assert all(r["git_commit"] == "c0ffee" for r in csv_rows)
     assert all(float(r["img_per_s_model"]) > 0 and 0 <= float(r["miou"]) <= 1 for r in csv_rows)
+    for r in csv_rows:  # the encoder alone is timed in the same run, and the pipeline ratio derived
+        ratio = float(r["img_per_s_end_to_end"]) / float(r["img_per_s_encoder_only"])
+        assert float(r["end_to_end_vs_encoder"]) == pytest.approx(ratio, rel=1e-3)
     md = (out / "waterfall.md").read_text()
+    assert "e2e / encoder" in md
     assert "| tiny | fp32 |" in md and "| tiny | bf16 |" in md
     svg = ET.parse(out / "waterfall.svg").getroot()
     ns = "{http://www.w3.org/2000/svg}"

@@ -145,6 +145,8 @@ def test_end_to_end_csv_row_and_cache(synth, tmp_path, capsys):
     assert row["n_images"] == "4" and row["timed_images"] == "2" and row["warmup_batches"] == "1"
     assert 0.0 <= float(row["miou"]) <= 1.0
     assert float(row["img_per_s_model"]) > 0 and float(row["img_per_s_end_to_end"]) > 0
+    assert float(row["img_per_s_encoder_only"]) > 0 and float(row["end_to_end_vs_encoder"]) > 0
+    assert "image encoder alone" in out.out
     assert row["torch_version"] == torch.__version__ and row["gpu_name"] == "cpu"
     assert row["checkpoint"].startswith("random-init")
     cache_files = os.listdir(tmp_path / "cache")
@@ -152,9 +154,11 @@ def test_end_to_end_csv_row_and_cache(synth, tmp_path, capsys):
     cached = json.load(open(tmp_path / "cache" / cache_files[0]))
     assert len(cached) == int(row["n_annotations"])
     # Second run: points come from the cache, same seed -> same mIoU; --commit is recorded.
-    assert ec.main(args + ["--commit", "abc123"]) == 0
+    # --encoder-iters 0 skips the encoder-alone timing.
+    assert ec.main(args + ["--commit", "abc123", "--encoder-iters", "0"]) == 0
     rows = _rows(tmp_path / "r.csv")
     assert len(rows) == 2 and rows[1]["miou"] == rows[0]["miou"]
+    assert rows[1]["img_per_s_encoder_only"] == "" and rows[1]["end_to_end_vs_encoder"] == ""
     assert rows[1]["git_commit"] == "abc123" and rows[0]["git_commit"] != "abc123"
 
 
@@ -201,6 +205,9 @@ def test_bad_annotations_and_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ec.main(_args(root, tmp_path, "--batch-size", "0"))
     assert "--batch-size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ec.main(_args(root, tmp_path, "--encoder-iters", "-1"))
+    assert "--encoder-iters must be >= 0" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag(capsys):
@@ -209,7 +216,8 @@ def test_help_documents_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--coco-root", "--annotations", "--limit", "--batch-size", "--model-type",
                  "--checkpoint", "--device", "--dtype", "--compile", "--attention",
-                 "--prompt-batching", "--compress", "--num-workers", "--output", "--config-json"):
+                 "--prompt-batching", "--compress", "--num-workers", "--output", "--config-json",
+                 "--encoder-iters"):
         assert flag in out
     assert "not torch.nested" in out
 

@@ -312,8 +312,10 @@ def predict_batch(sam, items: List[dict], mode: str, device, dtype) -> List[torc
                 for i in group:
                     out[i] = torch.zeros((0, *items[i]["original_size"]), dtype=torch.bool, device=device)
                 continue
-            index = torch.repeat_interleave(
-                torch.arange(len(group), device=device), torch.tensor(counts, device=device))
+            # Built on the host and copied without blocking (a blocking copy would stall the
+            # host until the encoder has finished).
+            index = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(counts)).to(
+                device, non_blocking=True)
             labels = torch.ones(pts.shape[0], dtype=torch.int, device=device)
             sparse, dense = _prompt(sam, pts, labels)
             packed = getattr(sam, "_packed_decoder", decode_packed)
@@ -344,24 +346,24 @@ def predict_batch(sam, items: List[dict], mode: str, device, dtype) -> List[torc
     return out
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def time_encoder(sam, batch_size: int, device, dtype, iters: int) -> float:
     """Images/s of ``sam.image_encoder`` alone on random (batch_size, 3, S, S) inputs of the
     model dtype: 2 untimed calls, then ``iters`` timed ones (synchronised, wall clock)."""
     size = sam.image_encoder.img_size
     x = torch.randn(batch_size, 3, size, size, device=device).to(dtype)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(2):
         sam.image_encoder(x)
-    sync()
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         sam.image_encoder(x)
-    sync()
+    _sync(device)
     return batch_size * iters / (time.perf_counter() - t0)
 
 
@@ -411,14 +413,11 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     ious: List[Tuple[int, torch.Tensor]] = []
     skipped: List[str] = []
     n_images = n_timed = 0
     model_time = 0.0
+    events = []  # (start, end) CUDA events of the timed batches' model part
     t_timed_start = None
     new_points: Dict[int, tuple] = {}
     n_batches = math.ceil(len(dataset) / args.batch_size)
@@ -435,19 +434,28 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
             try:
                 batch = next(batches)
                 if b == warmup:
-                    sync()
+                    _sync(device)
                     t_timed_start = time.perf_counter()
                 for it in batch:
                     new_points.update(it["new_points"])
                     if it["error"] is not None:
                         skipped.append(f"{it['file_name']} ({it['error']})")
                 items = [it for it in batch if it["error"] is None]
-                sync()
-                t0 = time.perf_counter()
-                preds = predict_batch(sam, items, args.prompt_batching, device, dtype)
-                sync()
+                if device.type == "cuda":
+                    # CUDA events time the model part without stopping the host: it goes on
+                    # to load and queue the next batch while the GPU works.
+                    ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                    ev[0].record()
+                    preds = predict_batch(sam, items, args.prompt_batching, device, dtype)
+                    ev[1].record()
+                    if b >= warmup:
+                        events.append(ev)
+                else:
+                    t0 = time.perf_counter()
+                    preds = predict_batch(sam, items, args.prompt_batching, device, dtype)
+                    if b >= warmup:
+                        model_time += time.perf_counter() - t0
                 if b >= warmup:
-                    model_time += time.perf_counter() - t0
                     n_timed += len(items)
                 for it, pred in zip(items, preds):
                     if pred.shape[0]:
@@ -463,8 +471,9 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
                 print(f"\rbatch {b + 1}/{n_batches}", end="", file=sys.stderr, flush=True)
         if ctx.is_distributed:
             ctx.check(error, f"batch {b + 1} of {n_steps}")
-    sync()
+    _sync(device)
     t_end = time.perf_counter()
+    model_time += sum(a.elapsed_time(b) for a, b in events) / 1e3
     if ctx.is_main:
         print("", file=sys.stderr)
     encoder_ips = None

@@ -42,6 +42,7 @@ from segment_anything_fast.data.coco_prompts import (  # noqa: E402
     CenterPointCache, CocoPointPromptDataset, collate_list, load_coco, mask_iou,
     select_annotations,
 )
+from segment_anything_fast.compile import DEFAULT_DECODER_BUCKETS, compile_function  # noqa: E402
 from segment_anything_fast.validation import check_checkpoint_arg, check_output_path  # noqa: E402
 from segment_anything_fast.distributed import (  # noqa: E402
     DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, print_failure,
@@ -240,13 +241,52 @@ def build_model(args, verbose: bool = True):
             batch_size=1 if args.prompt_batching == "none" else args.batch_size)
         dec_mode = "max-autotune-no-cudagraphs" if args.compile == "max-autotune" else args.compile
         sam.mask_decoder = compile_mask_decoder(sam.mask_decoder, mode=dec_mode)
-        # nested mode's packed decoder sees a different total prompt count every batch.
-        sam._packed_decoder = torch.compile(decode_packed, mode=dec_mode, dynamic=True)
+        # nested mode: the total prompt count of a batch is padded to a bucket (static shapes,
+        # one graph per bucket, all compiled before the timing by warm_up_decoders).
+        sam._packed_decoder = compile_function(decode_packed, dec_mode, dynamic=False)
     return sam
 
 
 def _bucket(n: int) -> int:
+    """Padded prompt count of one image (padded mode): the next power of two, at least 8."""
     return max(8, 1 << max(n - 1, 0).bit_length())
+
+
+def _packed_bucket(n: int) -> int:
+    """Padded total prompt count of a batch (nested mode): a decoder bucket, beyond the
+    largest one a multiple of it."""
+    for b in DEFAULT_DECODER_BUCKETS:
+        if n <= b:
+            return b
+    top = DEFAULT_DECODER_BUCKETS[-1]
+    return -(-n // top) * top
+
+
+@torch.inference_mode()
+def warm_up_decoders(sam, mode: str, counts: List[List[int]], batch_size: int, device, dtype) -> int:
+    """Run the (compiled) decoder once at every padded prompt count that the batches of
+    ``counts`` (prompts per image, per batch) will use, so that no compilation falls inside
+    the timing. Returns how many shapes were run."""
+    if mode == "nested":
+        sizes = sorted({_packed_bucket(sum(c)) for c in counts if sum(c)})
+    elif mode == "padded":
+        sizes = sorted({_bucket(k) for c in counts for k in c if k})
+    else:
+        sizes = sorted({k for c in counts for k in c if k})
+    h, w = sam.prompt_encoder.image_embedding_size
+    emb = torch.zeros(batch_size if mode == "nested" else 1, sam.prompt_encoder.embed_dim, h, w,
+                      device=device, dtype=dtype)
+    pe = sam.prompt_encoder.get_dense_pe()
+    for n in sizes:
+        labels = torch.ones(n, dtype=torch.int, device=device)
+        sparse, dense = _prompt(sam, torch.zeros(n, 2, device=device), labels)
+        if mode == "nested":
+            packed = getattr(sam, "_packed_decoder", decode_packed)
+            packed(sam, emb, torch.zeros(n, dtype=torch.long, device=device), sparse, dense)
+        else:
+            sam.mask_decoder(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
+                             dense_prompt_embeddings=dense, multimask_output=True)
+    return len(sizes)
 
 
 def decode_packed(sam, embeddings, image_index, sparse, dense):
@@ -292,8 +332,12 @@ def _best_masks(sam, low_res, iou, input_size, original_size) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_batch(sam, items: List[dict], mode: str, device, dtype) -> List[torch.Tensor]:
-    """(K_i, H_i, W_i) bool predicted masks for each item, one point prompt per annotation."""
+def predict_batch(sam, items: List[dict], mode: str, device, dtype,
+                  static_batch: Optional[int] = None) -> List[torch.Tensor]:
+    """(K_i, H_i, W_i) bool predicted masks for each item, one point prompt per annotation.
+
+    nested: the batch's prompts are padded to a decoder bucket (label -1, not a point) and the
+    embeddings to ``static_batch`` images, so the packed decoder sees a few static shapes."""
     if not items:
         return []
     out: List[Optional[torch.Tensor]] = [None] * len(items)
@@ -312,15 +356,21 @@ def predict_batch(sam, items: List[dict], mode: str, device, dtype) -> List[torc
                 for i in group:
                     out[i] = torch.zeros((0, *items[i]["original_size"]), dtype=torch.bool, device=device)
                 continue
+            total = pts.shape[0]
+            pad = _packed_bucket(total) - total
             # Built on the host and copied without blocking (a blocking copy would stall the
-            # host until the encoder has finished).
-            index = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(counts)).to(
-                device, non_blocking=True)
-            labels = torch.ones(pts.shape[0], dtype=torch.int, device=device)
+            # host until the encoder has finished); padding prompts use image 0.
+            index = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(counts))
+            index = torch.cat([index, index.new_zeros(pad)]).to(device, non_blocking=True)
+            pts = torch.cat([pts, pts.new_zeros(pad, 2)])
+            labels = torch.ones(total + pad, dtype=torch.int, device=device)
+            labels[total:] = -1  # not a point
+            if static_batch is not None and emb.shape[0] < static_batch:
+                emb = torch.cat([emb, emb.new_zeros((static_batch - emb.shape[0],) + tuple(emb.shape[1:]))])
             sparse, dense = _prompt(sam, pts, labels)
             packed = getattr(sam, "_packed_decoder", decode_packed)
             low, iou = packed(sam, emb, index, sparse, dense)
-            low, iou = low[:, 1:], iou[:, 1:]  # multimask outputs
+            low, iou = low[:total, 1:], iou[:total, 1:]  # real prompts, multimask outputs
             start = 0
             for j, i in enumerate(group):
                 sl = slice(start, start + counts[j])
@@ -410,6 +460,13 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
         persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
     warmup = args.warmup_batches if args.warmup_batches is not None else (
         3 if args.compile != "none" else 1)
+    if args.compile != "none":
+        ids = dataset.image_ids
+        counts = [[len(dataset.anns.get(i, [])) for i in ids[k:k + args.batch_size]]
+                  for k in range(0, len(ids), args.batch_size)]
+        n = warm_up_decoders(sam, args.prompt_batching, counts, args.batch_size, device, dtype)
+        if ctx.is_main:
+            print(f"compiled the decoder at {n} padded prompt count(s) before timing", file=sys.stderr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -446,13 +503,13 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
                     # to load and queue the next batch while the GPU works.
                     ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                     ev[0].record()
-                    preds = predict_batch(sam, items, args.prompt_batching, device, dtype)
+                    preds = predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size)
                     ev[1].record()
                     if b >= warmup:
                         events.append(ev)
                 else:
                     t0 = time.perf_counter()
-                    preds = predict_batch(sam, items, args.prompt_batching, device, dtype)
+                    preds = predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size)
                     if b >= warmup:
                         model_time += time.perf_counter() - t0
                 if b >= warmup:

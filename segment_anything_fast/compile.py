@@ -42,11 +42,12 @@ def _compile_kwargs(mode: str, backend: str, fullgraph: bool) -> dict:
     return kw
 
 
-def compile_function(fn, mode: str, backend: str = "inductor"):
-    """``torch.compile`` of a plain function, whole graph; static shapes first, then (on a
-    second shape) torch's automatic dynamic shapes, so new image sizes do not recompile."""
+def compile_function(fn, mode: str, backend: str = "inductor", dynamic: Optional[bool] = None):
+    """``torch.compile`` of a plain function, whole graph. ``dynamic=None``: static shapes
+    first, then (on a second shape) torch's automatic dynamic shapes, so new image sizes do not
+    recompile; ``dynamic=False``: one static graph per input shape (for padded buckets)."""
     kw = _compile_kwargs(mode, backend, fullgraph=True)
-    kw["dynamic"] = None
+    kw["dynamic"] = dynamic
     return torch.compile(fn, **kw)
 
 

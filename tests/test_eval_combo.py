@@ -83,14 +83,14 @@ def test_miou_pipeline_with_oracle_and_full_predictors(tmp_path, monkeypatch):
     coco = load_coco(os.path.join(root, "annotations", "instances_val2017.json"))
     gt_areas = [coco.annToMask(a).sum() for a in coco.loadAnns(sorted(coco.getAnnIds()))]
 
-    def oracle(sam, items, mode, device, dtype):
+    def oracle(sam, items, mode, device, dtype, static_batch=None):
         return [it["gt_masks"].clone() for it in items]
 
     monkeypatch.setattr(ec, "predict_batch", oracle)
     assert ec.main(_args(root, tmp_path, "--batch-size", "2")) == 0
     assert float(_rows(tmp_path / "r.csv")[-1]["miou"]) == 1.0
 
-    def full(sam, items, mode, device, dtype):
+    def full(sam, items, mode, device, dtype, static_batch=None):
         return [torch.ones_like(it["gt_masks"]) for it in items]
 
     monkeypatch.setattr(ec, "predict_batch", full)
@@ -114,8 +114,9 @@ def test_prompt_batching_modes_agree(synth):
     cpu = torch.device("cpu")
     ref = ec.predict_batch(sam, items, "none", cpu, torch.float32)
     assert [r.shape for r in ref] == [it["gt_masks"].shape for it in items]
-    for mode in ("padded", "nested"):
-        out = ec.predict_batch(sam, items, mode, cpu, torch.float32)
+    for mode, static in (("padded", None), ("nested", None), ("nested", 5)):
+        # nested pads the prompts to a decoder bucket and, with static_batch, the embeddings
+        out = ec.predict_batch(sam, items, mode, cpu, torch.float32, static)
         for a, b in zip(out, ref):
             assert (a ^ b).sum() <= 2, mode  # fp32 batch-order noise at most
     # The packed decoder equals MaskDecoder on one image.
@@ -127,6 +128,25 @@ def test_prompt_batching_modes_agree(synth):
         m2, i2 = ec.decode_packed(sam, emb, torch.zeros(len(pts), dtype=torch.long), sparse, dense)
     torch.testing.assert_close(m2[:, 1:], m1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(i2[:, 1:], i1, atol=1e-5, rtol=1e-5)
+
+
+def test_warm_up_runs_every_padded_shape_once(synth):
+    args = ec.build_parser().parse_args(["--coco-root", synth, "--model-type", "tiny",
+                                         "--device", "cpu"])
+    sam = ec.build_model(args, verbose=False)
+    seen = []
+    sam._packed_decoder = lambda s, emb, index, sparse, dense: (
+        seen.append((emb.shape[0], index.shape[0], sparse.shape[0])),
+        ec.decode_packed(s, emb, index, sparse, dense))[1]
+    counts = [[3, 5], [20, 30], [1, 2], [200, 100]]  # totals 8, 50, 3, 300 prompts
+    n = ec.warm_up_decoders(sam, "nested", counts, 2, torch.device("cpu"), torch.float32)
+    assert n == 3 and seen == [(2, 8, 8), (2, 64, 64), (2, 512, 512)]
+    assert [ec._packed_bucket(k) for k in (1, 8, 9, 256, 257, 600)] == [1, 8, 32, 256, 512, 768]
+    calls = []
+    sam.mask_decoder.register_forward_pre_hook(
+        lambda mod, args, kw: calls.append(kw["sparse_prompt_embeddings"].shape[0]), with_kwargs=True)
+    assert ec.warm_up_decoders(sam, "padded", [[3, 9], [0, 16]], 2, torch.device("cpu"), torch.float32) == 2
+    assert calls == [8, 16]
 
 
 def test_end_to_end_csv_row_and_cache(synth, tmp_path, capsys):

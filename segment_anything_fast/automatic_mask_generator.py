@@ -402,8 +402,8 @@ class SamAutomaticMaskGenerator:
     def _encode(self, data: MaskData, crop_boxes, crop_meta, orig_size, as_masks: bool = False):
         """Rebuild full-resolution masks of the survivors from low-res logits. Returns (their
         uncompressed RLEs, None), or with ``as_masks`` (their (H, W) bool arrays, their areas):
-        one device-to-host copy per chunk instead of an RLE round trip (1024 masks of 480x640
-        on the 2-core CPU: 0.13 s instead of 1.3 s). The arrays of a chunk are views of one
+        one device-to-host copy per chunk (into page-locked memory on CUDA) instead of an RLE
+        round trip (1024 masks of 480x640 on the 2-core CPU: 0.13 s instead of 1.3 s). The arrays of a chunk are views of one
         block, which stays alive while any of them is referenced."""
         n = len(data["boxes"])
         out: List[Any] = [None] * n
@@ -423,7 +423,11 @@ class SamAutomaticMaskGenerator:
                 if as_masks:
                     # Count on the GPU (fast there); on the CPU numpy's count is ~10x torch's.
                     count = torch.count_nonzero(masks.flatten(1), dim=1) if masks.is_cuda else None
-                    host = masks.cpu().numpy()
+                    if masks.is_cuda:  # into page-locked memory: ~10x faster than pageable
+                        host = torch.empty(masks.shape, dtype=masks.dtype, pin_memory=True)
+                        host = host.copy_(masks).numpy()
+                    else:
+                        host = masks.numpy()
                     if count is None:
                         count = np.count_nonzero(host.reshape(len(host), -1), axis=1)
                     for j, (i, a) in enumerate(zip(idx.tolist(), count.tolist())):

@@ -257,39 +257,37 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_generate(gen, image, device, warmup: int, iters: int):
-    """(first-call s, median s over ``iters`` calls after ``warmup`` more, masks of the last)."""
+def _timed(fn, device):
+    """(seconds, result) of one synchronised call of ``fn()``."""
     sync(device)
     t = time.perf_counter()
-    out = gen.generate(image)
+    out = fn()
     sync(device)
-    first = time.perf_counter() - t
+    return time.perf_counter() - t, out
+
+
+def _median(times):
+    return sorted(times)[len(times) // 2]
+
+
+def time_generate(gen, image, device, warmup: int, iters: int):
+    """(first-call s, median s over ``iters`` calls after ``warmup`` more, masks of the last)."""
+    first, out = _timed(lambda: gen.generate(image), device)
     for _ in range(warmup):
         gen.generate(image)
     times = []
     for _ in range(iters):
-        sync(device)
-        t = time.perf_counter()
-        out = gen.generate(image)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return first, (times[len(times) // 2] if times else first), out
+        t, out = _timed(lambda: gen.generate(image), device)
+        times.append(t)
+    return first, (_median(times) if times else first), out
 
 
 def time_set_image(gen, image, device, iters: int) -> float:
     """Median seconds of the generator's ``predictor.set_image`` alone (the image encoder and
     its preprocessing): the rest of ``generate`` is prompts, decoder and post-processing."""
-    times = []
-    for _ in range(max(1, iters)):
-        sync(device)
-        t = time.perf_counter()
-        gen.predictor.set_image(image)
-        sync(device)
-        times.append(time.perf_counter() - t)
+    times = [_timed(lambda: gen.predictor.set_image(image), device)[0] for _ in range(max(1, iters))]
     gen.predictor.reset_image()
-    times.sort()
-    return times[len(times) // 2]
+    return _median(times)
 
 
 def binary_masks(records) -> List[np.ndarray]:

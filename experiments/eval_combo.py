@@ -277,11 +277,11 @@ def warm_up_decoders(sam, mode: str, counts: List[List[int]], batch_size: int, d
     emb = torch.zeros(batch_size if mode == "nested" else 1, sam.prompt_encoder.embed_dim, h, w,
                       device=device, dtype=dtype)
     pe = sam.prompt_encoder.get_dense_pe()
+    packed = getattr(sam, "_packed_decoder", decode_packed)
     for n in sizes:
         labels = torch.ones(n, dtype=torch.int, device=device)
         sparse, dense = _prompt(sam, torch.zeros(n, 2, device=device), labels)
         if mode == "nested":
-            packed = getattr(sam, "_packed_decoder", decode_packed)
             packed(sam, emb, torch.zeros(n, dtype=torch.long, device=device), sparse, dense)
         else:
             sam.mask_decoder(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
@@ -498,21 +498,21 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
                     if it["error"] is not None:
                         skipped.append(f"{it['file_name']} ({it['error']})")
                 items = [it for it in batch if it["error"] is None]
-                if device.type == "cuda":
-                    # CUDA events time the model part without stopping the host: it goes on
-                    # to load and queue the next batch while the GPU works.
-                    ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                # On CUDA, events time the model part without stopping the host: it goes on to
+                # load and queue the next batch while the GPU works.
+                cuda = device.type == "cuda"
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else None
+                if cuda:
                     ev[0].record()
-                    preds = predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size)
+                t0 = time.perf_counter()
+                preds = predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size)
+                if cuda:
                     ev[1].record()
-                    if b >= warmup:
-                        events.append(ev)
-                else:
-                    t0 = time.perf_counter()
-                    preds = predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size)
-                    if b >= warmup:
-                        model_time += time.perf_counter() - t0
                 if b >= warmup:
+                    if cuda:
+                        events.append(ev)
+                    else:
+                        model_time += time.perf_counter() - t0
                     n_timed += len(items)
                 for it, pred in zip(items, preds):
                     if pred.shape[0]:
@@ -646,7 +646,7 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
         "miou": round(float(all_ious.mean()), 6),
         # Aggregate over ranks: all timed images / the slowest rank's time.
         "img_per_s_model": round(n_timed / model_time, 4) if n_timed else "",
-        "img_per_s_end_to_end": round(n_timed / wall, 4) if n_timed else "",
+        "img_per_s_end_to_end": round(e2e, 4) if e2e else "",
         "img_per_s_encoder_only": round(encoder_ips, 4) if encoder_ips else "",
         "end_to_end_vs_encoder": round(e2e / encoder_ips, 4) if e2e and encoder_ips else "",
         "peak_gpu_memory_mib": round(max(peaks), 1) if peaks else "",

@@ -32,11 +32,15 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for _p in (REPO, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import torch  # noqa: E402
+
+import bench_encoder  # noqa: E402  (shared helper: profile)
 
 from segment_anything_fast.data.coco_prompts import (  # noqa: E402
     CenterPointCache, CocoPointPromptDataset, collate_list, load_coco, mask_iou,
@@ -144,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "full batches this many times (2 untimed calls first) and report its img/s "
                         "next to the pipeline's, so that the pipeline overhead is measured in one "
                         "run; 0 skips it (default 10)")
+    o.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after all timings (main rank), profile predict_batch and the image "
+                        "encoder alone (_encode) on the last batch, N calls each (GPU kernels on "
+                        "CUDA, host ops and wall per call always), into <output stem>_profile.txt; "
+                        "0 skips it (default 0)")
     o.add_argument("--output", default="results.csv",
                    help="CSV file to append one row to (created with a header; default results.csv)")
     o.add_argument("--commit", default="",
@@ -186,10 +195,9 @@ def validate_args(args, parser) -> None:
         v = getattr(args, flag)
         if v is not None and v < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    if args.num_workers < 0:
-        parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.encoder_iters < 0:
-        parser.error(f"--encoder-iters must be >= 0, got {args.encoder_iters}")
+    for flag in ("num_workers", "encoder_iters", "profile"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.warmup_batches is not None and args.warmup_batches < 0:
         parser.error(f"--warmup-batches must be >= 0, got {args.warmup_batches}")
     try:
@@ -448,6 +456,29 @@ def append_csv(path: str, row: Dict[str, object]) -> None:
         w.writerow(row)
 
 
+def write_profile(args, sam, items: List[dict], device, dtype) -> str:
+    """``--profile N``: N calls of predict_batch and of the image encoder alone on the same
+    images (as predict_batch groups them) under bench_encoder.profile; the difference is the
+    prompt encoder, decoder and mask post-processing. Written atomically to
+    ``<output stem>_profile.txt``; returns the path."""
+    groups = [[it] for it in items] if args.prompt_batching == "none" else [items]
+    runs = [(f"predict_batch ({args.prompt_batching})",
+             lambda: predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size)),
+            ("image encoder alone (_encode)",
+             lambda: [_encode(sam, [it["image"] for it in g], device, dtype) for g in groups])]
+    model = "custom" if args.config_json else model_config(args)
+    head = (f"eval_combo --profile {args.profile}: {model} {device} {args.dtype} "
+            f"compile {args.compile}, {len(items)} images, "
+            f"{sum(it['points'].shape[0] for it in items)} prompts")
+    texts = [bench_encoder.profile(fn, label, calls=args.profile, top=25, cpu=True)
+             for label, fn in runs]
+    path = os.path.splitext(args.output)[0] + "_profile.txt"
+    with open(path + ".tmp", "w") as f:
+        f.write("\n\n".join([head] + texts) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total: int) -> dict:
     """Run this rank's images (``n_total``: over all ranks); returns its IoUs (by image id), counts and timings.
 
@@ -482,6 +513,7 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
     n_steps = math.ceil(shard_size(n_total, 0, ctx.world_size) / args.batch_size)
     batches = iter(loader)
     error = None
+    last_items: List[dict] = []  # the last batch that ran, for --profile
     for b in range(n_steps):
         if b < n_batches and error is None:
             # The sequential loader's batch b: named up front, so a failure while loading it
@@ -508,6 +540,7 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
                 preds = predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size)
                 if cuda:
                     ev[1].record()
+                last_items = items or last_items
                 if b >= warmup:
                     if cuda:
                         events.append(ev)
@@ -536,6 +569,9 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
     encoder_ips = None
     if args.encoder_iters and error is None:
         encoder_ips = time_encoder(sam, args.batch_size, device, dtype, args.encoder_iters)
+    if args.profile and ctx.is_main and error is None and last_items:  # after every timing
+        print(f"wrote the profile to {write_profile(args, sam, last_items, device, dtype)}",
+              file=sys.stderr)
     return {
         "encoder_ips": encoder_ips,
         "rank": ctx.rank,

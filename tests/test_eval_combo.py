@@ -182,6 +182,22 @@ def test_end_to_end_csv_row_and_cache(synth, tmp_path, capsys):
     assert rows[1]["git_commit"] == "abc123" and rows[0]["git_commit"] != "abc123"
 
 
+def test_profile_file_after_the_timing(synth, tmp_path, capsys):
+    # 4 images in batches of 3: the last batch (1 image) is the one profiled.
+    args = _args(synth, tmp_path, "--limit", "4", "--batch-size", "3", "--encoder-iters", "0",
+                 "--profile", "1")
+    assert ec.main(args) == 0
+    assert "wrote the profile to" in capsys.readouterr().err
+    assert _rows(tmp_path / "r.csv")[-1]["timed_images"] == "1"
+    text = (tmp_path / "r_profile.txt").read_text()
+    assert "1 images" in text and "ms wall per call" in text
+    for label in ("predict_batch (padded)", "image encoder alone (_encode)"):
+        assert label in text
+    assert not (tmp_path / "r_profile.txt.tmp").exists()
+    assert ec.main(args[:-2]) == 0  # off by default: no profile run
+    assert "wrote the profile" not in capsys.readouterr().err
+
+
 def test_missing_image_reported_and_skipped(synth, tmp_path, capsys):
     import shutil
 
@@ -228,6 +244,9 @@ def test_bad_annotations_and_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ec.main(_args(root, tmp_path, "--encoder-iters", "-1"))
     assert "--encoder-iters must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ec.main(_args(root, tmp_path, "--profile", "-1"))
+    assert "--profile must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag(capsys):
@@ -237,7 +256,7 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--coco-root", "--annotations", "--limit", "--batch-size", "--model-type",
                  "--checkpoint", "--device", "--dtype", "--compile", "--attention",
                  "--prompt-batching", "--compress", "--num-workers", "--output", "--config-json",
-                 "--encoder-iters"):
+                 "--encoder-iters", "--profile"):
         assert flag in out
     assert "not torch.nested" in out
 

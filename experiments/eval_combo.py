@@ -59,7 +59,7 @@ COMPILE_MODES = ("none", "default", "max-autotune")
 PROMPT_BATCHING = ("nested", "padded", "none")
 CSV_FIELDS = (
     "timestamp", "model_type", "checkpoint", "device", "dtype", "compile", "attention",
-    "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
+    "upscaling", "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
     "n_annotations", "n_skipped_images", "warmup_batches", "timed_images", "miou",
     "img_per_s_model", "img_per_s_end_to_end", "img_per_s_encoder_only", "end_to_end_vs_encoder",
     "peak_gpu_memory_mib", "gpu_name",
@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attention", default="math",
                    help="image-encoder attention backend: any registered one (math, sdpa, and flex/"
                         "triton when available; default math)")
+    m.add_argument("--upscaling", default="conv",
+                   help="mask-decoder upscaling: conv (the original ConvTranspose modules) or "
+                        "triton (segment_anything_fast.fused_upscale: one fused kernel, CUDA only; "
+                        "default conv)")
     m.add_argument("--prompt-batching", default="padded",
                    help="how the decoder sees the prompts of a batch. "
                         "padded: encoder on the whole batch, then one decoder call per image with "
@@ -187,6 +191,10 @@ def validate_args(args, parser) -> None:
         backends = attention_backends()
         if args.attention not in backends:
             bad("--attention", args.attention, backends)
+    if args.upscaling not in ("conv", "triton"):
+        bad("--upscaling", args.upscaling, ("conv", "triton"))
+    if args.upscaling == "triton" and args.device != "cuda":
+        parser.error("--upscaling triton needs --device cuda; use --upscaling conv on the CPU.")
     if args.prompt_batching not in PROMPT_BATCHING:
         bad("--prompt-batching", args.prompt_batching, PROMPT_BATCHING)
     if args.compress not in compress_modes():
@@ -237,6 +245,7 @@ def build_model(args, verbose: bool = True):
     torch.manual_seed(args.seed)
     sam = build_sam(model_config(args), args.checkpoint, attention=args.attention)
     sam = cast_model(sam.to(args.device), getattr(torch, args.dtype)).eval()
+    sam.mask_decoder.set_upscaling(args.upscaling)
     if args.compress != "none":
         from segment_anything_fast.quantize import compress
 
@@ -312,13 +321,8 @@ def decode_packed(sam, embeddings, image_index, sparse, dense):
     tokens = torch.cat((out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse), dim=1)
     src = embeddings.to(dtype).index_select(0, image_index) + dense.to(dtype)
     pe = sam.prompt_encoder.get_dense_pe().to(dtype).expand(src.shape[0], -1, -1, -1)
-    b, c, h, w = src.shape
     hs, src = dec.transformer(src, pe, tokens)
-    upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-    hyper = torch.stack(
-        [mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
-    b, c, h, w = upscaled.shape
-    masks = (hyper @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+    masks = dec.upscale_masks(src, hs[:, 1:1 + dec.num_mask_tokens], pe.shape[-1])
     return masks, dec.iou_prediction_head(hs[:, 0, :])
 
 
@@ -674,7 +678,8 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
         "model_type": "custom" if args.config_json else model_config(args),
         "checkpoint": args.checkpoint or f"random-init(seed={args.seed})",
         "device": str(device), "dtype": args.dtype, "compile": args.compile,
-        "attention": args.attention, "prompt_batching": args.prompt_batching,
+        "attention": args.attention, "upscaling": args.upscaling,
+        "prompt_batching": args.prompt_batching,
         "compress": args.compress, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "limit": args.limit if args.limit is not None else "",
         "n_images": n_images, "n_annotations": int(all_ious.numel()),

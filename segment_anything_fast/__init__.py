@@ -4,6 +4,8 @@
 Submodules are imported on first use, so ``import segment_anything_fast`` stays cheap.
 """
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,20 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``build_sam`` (or ``build_sam_fast``) would set the package
+    attribute of that name to the module; as in the original package, the name stays the
+    function (the submodule is still in ``sys.modules`` for ``from ... import``)."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name):

@@ -32,6 +32,7 @@ def build_sam_fast(
     *,
     dtype: Optional[torch.dtype] = torch.bfloat16,
     attention: Optional[str] = None,
+    upscaling: Optional[str] = None,
     compile_mode: Optional[str] = "max-autotune",
     batch_size: int = 1,
     device: Union[str, torch.device] = "cuda",
@@ -54,6 +55,9 @@ def build_sam_fast(
             only), "flex" (FlexAttention score_mod), "sdpa" or "math". None picks "triton" on CUDA
             (5-10x faster than "flex" on an H100, experiments/results/attention_h100_b8.json) and
             "flex" elsewhere.
+        upscaling: mask-decoder upscaling: "triton" (``fused_upscale``: ConvTranspose chain and
+            hypernetwork product in one kernel, CUDA only) or "conv" (the original modules).
+            None picks "triton" on CUDA and "conv" elsewhere.
         compile_mode: torch.compile mode of the image encoder ("max-autotune" uses CUDA graphs),
             or None for eager.
         batch_size: static encoder batch; smaller batches are padded to it, larger ones chunked.
@@ -84,18 +88,24 @@ def build_sam_fast(
     check_backend(attention)
     if attention == "triton" and dev.type != "cuda":
         raise ValueError("attention='triton' needs device='cuda'; use 'flex' or 'sdpa' on the CPU.")
+    if upscaling is None:
+        upscaling = "triton" if dev.type == "cuda" else "conv"
+    if upscaling == "triton" and dev.type != "cuda":
+        raise ValueError("upscaling='triton' needs device='cuda'; use 'conv' on the CPU.")
     with dev:  # initialise the weights on the target device (much faster than on the CPU)
         sam = build_sam(config, checkpoint, attention=attention)
     sam.to(dev)
     if compiled_package is not None:
         from .aot import attach_compiled_package
 
-        make_fast(sam, dtype=dtype, attention=attention, compile_mode=None, decoder_mode=None)
+        make_fast(sam, dtype=dtype, attention=attention, upscaling=upscaling, compile_mode=None,
+                  decoder_mode=None)
         return attach_compiled_package(sam, compiled_package, batch_size=batch_size, cache_dir=cache_dir)
     return make_fast(
         sam,
         dtype=dtype,
         attention=attention,
+        upscaling=upscaling,
         compress=compress,
         compile_mode=compile_mode,
         batch_size=batch_size,

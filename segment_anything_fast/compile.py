@@ -253,17 +253,21 @@ def make_fast(
     decoder_mode: Optional[str] = "max-autotune-no-cudagraphs",
     decoder_buckets: Sequence[int] = DEFAULT_DECODER_BUCKETS,
     compress: str = "none",
+    upscaling: Optional[str] = None,
 ) -> nn.Module:
-    """Apply :func:`cast_model`, :func:`set_attention_backend`, ``quantize.compress`` and the
-    two compiles in place, in that order.
+    """Apply :func:`cast_model`, :func:`set_attention_backend`, the decoder's ``upscaling``
+    ("conv" or "triton", ``MaskDecoder.set_upscaling``), ``quantize.compress`` and the two
+    compiles in place, in that order.
 
-    ``None`` for ``dtype``/``attention``/``compile_mode``/``decoder_mode`` (and ``"none"`` for
-    ``compress``) skips that step.
+    ``None`` for ``dtype``/``attention``/``upscaling``/``compile_mode``/``decoder_mode`` (and
+    ``"none"`` for ``compress``) skips that step.
     """
     if dtype is not None:
         cast_model(sam, dtype)
     if attention is not None:
         set_attention_backend(sam.image_encoder, attention)
+    if upscaling is not None:
+        sam.mask_decoder.set_upscaling(upscaling)
     if compress != "none":
         from .quantize import compress as compress_encoder
 

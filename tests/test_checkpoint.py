@@ -217,3 +217,18 @@ def test_shape_mismatch_same_family(pair, tmp_path):
     torch.save(build_sam(cfg).state_dict(), path)
     with pytest.raises(ValueError, match="shape mismatches.*mlp.lin1"):
         build_sam(TINY, checkpoint=path)
+
+
+def test_package_names_stay_functions_after_submodule_imports():
+    """``from segment_anything_fast import build_sam`` is the function (as in the original)
+    even after the submodule of the same name was imported."""
+    import subprocess
+    import sys
+
+    code = ("import segment_anything_fast.build_sam, segment_anything_fast.build_sam_fast\n"
+            "from segment_anything_fast.build_sam import SamConfig\n"
+            "from segment_anything_fast import build_sam, build_sam_fast\n"
+            "assert callable(build_sam) and callable(build_sam_fast), (build_sam, build_sam_fast)\n"
+            "print('OK')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr

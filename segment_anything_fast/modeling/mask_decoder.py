@@ -45,6 +45,18 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        self.upscaling = "conv"  # or "triton": see upscale_masks / set_upscaling
+
+    def set_upscaling(self, upscaling: str) -> None:
+        """Choose how masks are upscaled: "conv" (the original modules, any device) or
+        "triton" (``fused_upscale``: one fused kernel, CUDA; same weights and outputs)."""
+        if upscaling not in ("conv", "triton"):
+            raise ValueError(f"upscaling must be 'conv' or 'triton', not {upscaling!r}.")
+        if upscaling == "triton":
+            from ..fused_upscale import check_supported
+
+            check_supported(self.transformer_dim, self.num_mask_tokens)
+        self.upscaling = upscaling
 
     def forward(
         self,
@@ -100,22 +112,32 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat((out_tokens, sparse), dim=1)
         src = image_embeddings.to(dtype) + dense_prompt_embeddings.to(dtype)
         pos_src = image_pe.to(dtype)
-        c, h, w = src.shape[1:]
+        w = src.shape[-1]
 
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        b = tokens.shape[0]
-        upscaled = self.output_upscaling(src.expand(b, -1, -1).transpose(1, 2).reshape(b, c, h, w))
+        masks = self.upscale_masks(src.expand(tokens.shape[0], -1, -1), mask_tokens_out, w)
+        iou_pred = self.iou_prediction_head(iou_token_out)
+        return masks, iou_pred
+
+    def upscale_masks(self, src: torch.Tensor, mask_tokens_out: torch.Tensor, grid_w: int) -> torch.Tensor:
+        """(B, T, 4h, 4w) mask logits from the transformer's image tokens ``src`` (B, h*w, C)
+        and mask-token outputs (B, T, C): the hypernetwork vectors times the upscaled
+        embedding, by ``self.upscaling`` ("conv": the modules; "triton": one fused kernel)."""
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )
+        if self.upscaling == "triton":
+            from ..fused_upscale import fused_upscale_masks
+
+            return fused_upscale_masks(self.output_upscaling, src, hyper_in, grid_w)
+        b, n, c = src.shape
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, n // grid_w, grid_w))
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        iou_pred = self.iou_prediction_head(iou_token_out)
-        return masks, iou_pred
+        return (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
 
 
 def is_shared_dense(dense: torch.Tensor) -> bool:

@@ -47,7 +47,7 @@ def main(argv=None):
     dec = make_decoder().to(torch.bfloat16)
     up = dec.output_upscaling
     conv = lambda s, h: dec.upscale_masks(s, h, args.grid)  # noqa: E731  (dec.upscaling is "conv")
-    compiled = None if args.no_compile else torch.compile(conv, mode="max-autotune-no-cudagraphs")
+    compiled = None if args.no_compile else torch.compile(conv)
     rows = []
     n = args.grid * args.grid
     for p in args.prompts:

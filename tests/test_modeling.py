@@ -344,3 +344,20 @@ def test_mask_decoder_shares_the_image_side_across_prompts(pair, embeddings):
     close(i1, i2)
     close(m1, m_dense)
     close(i1, i_dense)
+
+
+def test_patch_embed_gemm_equals_conv():
+    """Non-overlapping patches run as a GEMM: same result as the conv (also with a remainder
+    smaller than a patch, which the conv drops); overlapping ones still use the conv."""
+    from segment_anything_fast.modeling.image_encoder import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed((8, 8), (8, 8), (0, 0), 3, 32)
+    for shape in [(2, 3, 32, 32), (1, 3, 35, 20)]:
+        x = torch.randn(shape)
+        ref = pe.proj(x).permute(0, 2, 3, 1)
+        out = pe(x)
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5), shape
+    over = PatchEmbed((4, 4), (2, 2), (1, 1), 3, 8)
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(over(x), over.proj(x).permute(0, 2, 3, 1))

@@ -276,7 +276,12 @@ def window_unpartition(
 
 
 class PatchEmbed(nn.Module):
-    """Conv patchify: (B, C, H, W) -> (B, H/ps, W/ps, embed_dim)."""
+    """Conv patchify: (B, C, H, W) -> (B, H/ps, W/ps, embed_dim).
+
+    With non-overlapping patches (stride = kernel, no padding: every SAM model) the conv runs
+    as one GEMM over the unfolded patches: the same sums, but cuDNN's bf16 kernel for this
+    3-channel, stride-16 conv took ~8% of vit_b's encoder time on an H100.
+    """
 
     def __init__(
         self,
@@ -292,4 +297,11 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        p = self.proj
+        if p.stride != p.kernel_size or p.padding != (0, 0):
+            return p(x).permute(0, 2, 3, 1)
+        (kh, kw), (b, c, h, w) = p.kernel_size, x.shape
+        gh, gw = h // kh, w // kw  # like the conv, drop a remainder smaller than a patch
+        x = x[:, :, : gh * kh, : gw * kw].reshape(b, c, gh, kh, gw, kw)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(b, gh, gw, c * kh * kw)
+        return F.linear(x, p.weight.reshape(p.out_channels, -1), p.bias)

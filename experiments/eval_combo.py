@@ -474,8 +474,11 @@ def write_profile(args, sam, items: List[dict], device, dtype) -> str:
     head = (f"eval_combo --profile {args.profile}: {model} {device} {args.dtype} "
             f"compile {args.compile}, {len(items)} images, "
             f"{sum(it['points'].shape[0] for it in items)} prompts")
-    texts = [bench_encoder.profile(fn, label, calls=args.profile, top=25, cpu=True)
-             for label, fn in runs]
+    texts = []
+    for label, fn in runs:
+        with torch.inference_mode():  # as in the timed loop: the same compiled graphs
+            fn()  # warm-up call, outside the profile
+            texts.append(bench_encoder.profile(fn, label, calls=args.profile, top=25, cpu=True))
     path = os.path.splitext(args.output)[0] + "_profile.txt"
     with open(path + ".tmp", "w") as f:
         f.write("\n\n".join([head] + texts) + "\n")
@@ -517,7 +520,7 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
     n_steps = math.ceil(shard_size(n_total, 0, ctx.world_size) / args.batch_size)
     batches = iter(loader)
     error = None
-    last_items: List[dict] = []  # the last batch that ran, for --profile
+    last_items: List[dict] = []  # the last full batch that ran (else the last one), for --profile
     for b in range(n_steps):
         if b < n_batches and error is None:
             # The sequential loader's batch b: named up front, so a failure while loading it
@@ -544,7 +547,8 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
                 preds = predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size)
                 if cuda:
                     ev[1].record()
-                last_items = items or last_items
+                if items and (len(items) == args.batch_size or len(last_items) < args.batch_size):
+                    last_items = items
                 if b >= warmup:
                     if cuda:
                         events.append(ev)

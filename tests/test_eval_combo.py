@@ -183,14 +183,14 @@ def test_end_to_end_csv_row_and_cache(synth, tmp_path, capsys):
 
 
 def test_profile_file_after_the_timing(synth, tmp_path, capsys):
-    # 4 images in batches of 3: the last batch (1 image) is the one profiled.
+    # 4 images in batches of 3: the last full batch (3 images) is the one profiled.
     args = _args(synth, tmp_path, "--limit", "4", "--batch-size", "3", "--encoder-iters", "0",
                  "--profile", "1")
     assert ec.main(args) == 0
     assert "wrote the profile to" in capsys.readouterr().err
     assert _rows(tmp_path / "r.csv")[-1]["timed_images"] == "1"
     text = (tmp_path / "r_profile.txt").read_text()
-    assert "1 images" in text and "ms wall per call" in text
+    assert "3 images" in text and "ms wall per call" in text
     for label in ("predict_batch (padded)", "image encoder alone (_encode)"):
         assert label in text
     assert not (tmp_path / "r_profile.txt.tmp").exists()

@@ -1,13 +1,16 @@
 """SamAutomaticMaskGenerator: segment everything by prompting SAM with a grid of points.
 
 Same constructor arguments and ``generate`` records as ``segment_anything``. The point loop
-runs on the model's device without host syncs: per batch the decoder output is scored
-(predicted IoU, stability, box, crop-edge test) on the device, and only the low-resolution
-logits of the candidates are kept. Candidates are filtered and de-duplicated (our own
-batched NMS, no torchvision) after the loop, and full-resolution masks are rebuilt from the
-low-res logits only for the survivors, then run-length encoded, or for 'binary_mask' output
-without ``min_mask_region_area`` copied to the host as they are. COCO RLE and
-``min_mask_region_area`` (OpenCV) run on the CPU.
+runs on the model's device and queues the decoder on every batch of points without a host
+sync, keeping each candidate's low-resolution logits and predicted IoU. Once per crop (or
+every ``_COMPACT_EVERY`` candidates) one ``nonzero`` picks the candidates passing
+``pred_iou_thresh``, and only those are upscaled to full resolution and scored (stability,
+box, crop-edge test) in chunks of ``3 * points_per_batch`` rows (the last chunk padded when
+the scoring is compiled, so it sees one shape); a second ``nonzero`` keeps the accepted
+ones. Candidates are de-duplicated (our own batched NMS, no torchvision) after the loop, and
+full-resolution masks are rebuilt from the low-res logits only for the survivors, then
+run-length encoded, or for 'binary_mask' output without ``min_mask_region_area`` copied to
+the host as they are. COCO RLE and ``min_mask_region_area`` (OpenCV) run on the CPU.
 """
 import warnings
 from typing import Any, Dict, List, Optional
@@ -37,8 +40,9 @@ from .utils.amg import (
     uncrop_points,
 )
 
-# Pending candidates (masks) kept on the device before they are compacted (one host sync).
-_COMPACT_EVERY = 1024
+# Candidates (3 per point) queued on the device before they are filtered and scored (two host
+# syncs): a 32x32 grid, 0.8 GB of float32 256x256 logits (twice that while they are joined).
+_COMPACT_EVERY = 3072
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -78,8 +82,9 @@ class SamAutomaticMaskGenerator:
     ``encoder_batch_size`` when the image encoder runs out of memory.
 
     ``postprocess_compile_mode`` (not in the original; a ``torch.compile`` mode or None for
-    eager) compiles the per-batch scoring (upscale to full resolution, stability score, box),
-    so the full-resolution logits are fused into the reductions instead of being written out.
+    eager) compiles the candidates' scoring (upscale to full resolution, stability score,
+    box), so the full-resolution logits are fused into the reductions instead of being
+    written out; it is called on chunks of exactly ``3 * points_per_batch`` candidates.
     """
 
     def __init__(
@@ -125,6 +130,7 @@ class SamAutomaticMaskGenerator:
             from .compile import compile_function
 
             self._scores = compile_function(_mask_scores, postprocess_compile_mode)
+        self._pad_chunks = postprocess_compile_mode is not None
         self.predictor = SamPredictor(model)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -317,14 +323,18 @@ class SamAutomaticMaskGenerator:
         points_t = torch.as_tensor(points, device=device)
         coords_t = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size), device=device)
 
-        data = MaskData()
-        pending, n_pending = [], 0
-        start = 0
-        while start < len(points):
-            end = start + self.points_per_batch
-            batch = points_t[start:end]
+        # Each step queues the decoder on one batch of points, or, once _COMPACT_EVERY candidates
+        # are queued or every point is, filters and scores the queued candidates (_score_pending).
+        data, pending, n_pending, start = MaskData(), [], 0, 0
+        while start < len(points) or pending:
             try:
-                pending.append(self._process_batch(batch, coords_t[start:end], crop_size, crop_box, orig_size))
+                if start < len(points) and n_pending < _COMPACT_EVERY:
+                    end = start + self.points_per_batch
+                    pending.append(self._process_batch(points_t[start:end], coords_t[start:end]))
+                    start, n_pending = end, n_pending + len(pending[-1][1])
+                else:
+                    data.cat(self._score_pending(pending, crop_size, crop_box, orig_size))
+                    pending, n_pending = [], 0
             except RuntimeError as e:
                 if not _is_oom(e):
                     raise
@@ -336,14 +346,6 @@ class SamAutomaticMaskGenerator:
                 warnings.warn(f"out of memory: retrying with points_per_batch={self.points_per_batch}")
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                continue
-            start += len(batch)
-            n_pending += len(batch) * 3
-            if n_pending >= _COMPACT_EVERY:
-                data.cat(self._compact(pending))
-                pending, n_pending = [], 0
-        if pending:
-            data.cat(self._compact(pending))
         self.predictor.reset_image()
 
         if "boxes" not in data or len(data["boxes"]) == 0:
@@ -359,44 +361,43 @@ class SamAutomaticMaskGenerator:
         data["crop_idx"] = torch.full((len(data["boxes"]),), crop_idx, dtype=torch.int64)
         return data, meta
 
-    @staticmethod
-    def _compact(pending: List[MaskData]) -> MaskData:
-        """Keep the accepted candidates of several batches. The first ``nonzero`` waits for the
-        queued batches; the rest are immediate. Survivors are gathered before concatenation."""
-        parts = []
-        for p in pending:
-            idx = torch.nonzero(p["keep"])[:, 0]
-            parts.append({k: v[idx] for k, v in p.items() if k != "keep"})
-        return MaskData(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
-
-    def _process_batch(self, points: torch.Tensor, coords: torch.Tensor, im_size, crop_box, orig_size) -> MaskData:
-        """Score one batch of point prompts (crop-frame ``points``, model-frame ``coords``) on
-        the device; no host sync and no host-to-device copy."""
-        pred = self.predictor
+    def _process_batch(self, points: torch.Tensor, coords: torch.Tensor):
+        """Queue the decoder on one batch of point prompts (crop-frame ``points``, model-frame
+        ``coords``): (low-res logits, predicted IoU, point) per candidate, on the device; no
+        host sync and no host-to-device copy."""
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
-        low_res, iou = pred._predict_low_res(coords[:, None, :], labels[:, None], None, None, True)
-        low_res = low_res.flatten(0, 1)
-        iou = iou.flatten(0, 1).float()
-        model, offset = pred.model, self.stability_score_offset
-        if low_res.device.type == "cpu" and self.pred_iou_thresh > 0.0:
-            # The CPU has no host sync to avoid: upscale and score only the candidates that
-            # pass the predicted-IoU filter (the rest get keep=False below either way).
-            idx = torch.nonzero(iou > self.pred_iou_thresh)[:, 0]
-            stability = torch.zeros_like(iou)
-            boxes = torch.zeros(len(iou), 4, dtype=torch.int64)
-            if len(idx):
-                stability[idx], boxes[idx] = self._scores(model, low_res[idx], pred.input_size, im_size, offset)
-        else:
-            stability, boxes = self._scores(model, low_res, pred.input_size, im_size, offset)
-        keep = torch.ones_like(iou, dtype=torch.bool)
+        low_res, iou = self.predictor._predict_low_res(coords[:, None, :], labels[:, None], None, None, True)
+        return low_res.flatten(0, 1), iou.flatten(0, 1).float(), points.repeat_interleave(iou.shape[1], dim=0)
+
+    def _score_pending(self, pending, crop_size, crop_box, orig_size) -> MaskData:
+        """The accepted candidates of several queued batches (``_process_batch`` outputs), in
+        order. One ``nonzero`` (host sync) selects those passing ``pred_iou_thresh``; only they
+        are upscaled and scored, in chunks of ``3 * points_per_batch`` rows; a second keeps
+        those passing the stability and crop-edge tests."""
+        low_res, iou, points = (torch.cat(t) for t in zip(*pending))
         if self.pred_iou_thresh > 0.0:
-            keep &= iou > self.pred_iou_thresh
+            idx = torch.nonzero(iou > self.pred_iou_thresh)[:, 0]
+        else:
+            idx = torch.arange(len(iou), device=iou.device)
+        n, step = len(idx), 3 * self.points_per_batch
+        if n == 0:
+            return MaskData()
+        # A compiled _scores sees one shape: the last chunk is padded with a repeated row.
+        rows = torch.cat([idx, idx[-1:].expand((-n) % step if self._pad_chunks else 0)])
+        pred, offset = self.predictor, self.stability_score_offset
+        # Outputs are cloned before the next call (a CUDA-graph replay would overwrite them).
+        parts = [
+            [t.clone() for t in self._scores(pred.model, low_res[r], pred.input_size, crop_size, offset)]
+            for r in rows.split(step)
+        ]
+        stability, boxes = (torch.cat(t)[:n] for t in zip(*parts))
+        keep = ~_near_crop_edge(boxes, crop_box, orig_size)
         if self.stability_score_thresh > 0.0:
             keep &= stability >= self.stability_score_thresh
-        keep &= ~_near_crop_edge(boxes, crop_box, orig_size)
+        k = torch.nonzero(keep)[:, 0]
+        idx = idx[k]
         return MaskData(
-            low_res=low_res, iou_preds=iou, stability_score=stability, boxes=boxes, keep=keep,
-            points=points.repeat_interleave(low_res.shape[0] // points.shape[0], dim=0),
+            low_res=low_res[idx], iou_preds=iou[idx], stability_score=stability[k], boxes=boxes[k], points=points[idx]
         )
 
     def _encode(self, data: MaskData, crop_boxes, crop_meta, orig_size, as_masks: bool = False):

@@ -6,6 +6,7 @@ import torchvision
 from segment_anything import SamAutomaticMaskGenerator as OrigAMG
 from segment_anything.utils import amg as orig_amg
 
+import segment_anything_fast.automatic_mask_generator as amg_mod
 from segment_anything_fast.automatic_mask_generator import SamAutomaticMaskGenerator, _near_crop_edge
 from segment_anything_fast.utils import amg
 from tests.oracle import build_pair
@@ -209,8 +210,6 @@ def test_generate_parity_options(models, kw):
 def test_binary_masks_skip_the_rle_round_trip(models, monkeypatch):
     """binary_mask output without small-region cleanup copies the masks to the host directly
     (no RLE encode/decode), with the original's output."""
-    import segment_anything_fast.automatic_mask_generator as amg_mod
-
     ours, orig = models
     img = _blocks(1)
     kw = dict(BASE, box_nms_thresh=0.7)
@@ -230,34 +229,72 @@ def test_binary_masks_skip_the_rle_round_trip(models, monkeypatch):
         SamAutomaticMaskGenerator(ours, **dict(kw, min_mask_region_area=20)).generate(img)
 
 
-def test_cpu_iou_prefilter_keeps_the_original_output(models):
-    """On the CPU only candidates passing pred_iou_thresh are upscaled and scored; with a
-    threshold that splits the candidates, the output is still the original's."""
+@pytest.mark.parametrize("compiled,compact_every", [(False, None), (True, None), (True, 40)])
+def test_iou_prefilter_scores_only_passing_candidates(models, monkeypatch, compiled, compact_every):
+    """The decoder runs on every batch of a crop before one IoU filter (or every
+    _COMPACT_EVERY candidates); only candidates passing pred_iou_thresh are scored, in chunks
+    of 3 * points_per_batch rows (the last padded when the scoring is compiled). The output
+    is the unfiltered path's minus the failing candidates, and the original's."""
     ours, orig = models
     img = _blocks(1)
-    base = dict(BASE, crop_n_layers=0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    base = dict(BASE, points_per_batch=4, crop_n_layers=0, box_nms_thresh=1.0)  # 36 points, 9 batches
     every = SamAutomaticMaskGenerator(ours, **base).generate(img)
-    t = float(np.quantile([r["predicted_iou"] for r in every], 0.75))
-    assert t > 0
+    assert len(every) == 3 * 36
+    t = float(np.float32(np.quantile([r["predicted_iou"] for r in every], 0.75)))  # exact in float32
+    if compact_every:
+        monkeypatch.setattr(amg_mod, "_COMPACT_EVERY", compact_every)
     kw = dict(base, pred_iou_thresh=t)
-    a = SamAutomaticMaskGenerator(ours, **kw).generate(img)
-    assert 0 < len(a) < len(every)
-    _same_records(a, OrigAMG(orig, **kw).generate(img), "binary_mask")
+    gen = SamAutomaticMaskGenerator(ours, postprocess_compile_mode="default" if compiled else None, **kw)
+    flushes, score_step = [], gen._score_pending  # per filter-and-score step: [batches, passing, rows per call]
+
+    def counted_score_step(pending, *a):
+        flushes.append([len(pending), sum(int((iou > t).sum()) for _, iou, _ in pending), []])
+        return score_step(pending, *a)
+
+    def counted_scores(model, low_res, *a):
+        flushes[-1][2].append(len(low_res))
+        return amg_mod._mask_scores(model, low_res, *a)
+
+    gen._score_pending, gen._scores = counted_score_step, counted_scores
+    got = gen.generate(img)
+    want = [r for r in every if r["predicted_iou"] > t]
+    assert 0 < len(got) == len(want) < len(every)
+    _same_records(got, want, "binary_mask")
+    _same_records(got, OrigAMG(orig, **kw).generate(img), "binary_mask")
+
+    assert [b for b, _, _ in flushes] == ([4, 4, 1] if compact_every else [9])  # batches of 12 candidates
+    assert sum(p for _, p, _ in flushes) == len(want)
+    for _, passing, rows in flushes:
+        assert rows[:-1] == [12] * (len(rows) - 1) and 0 < rows[-1] <= 12
+        assert sum(rows) == (-(-passing // 12) * 12 if compiled else passing)
+    assert compact_every or len(flushes[0][2]) == 3  # 27 candidates pass: 12 + 12 + 3 (padded to 12)
+
+
+_OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 class _OOMOnBigBatches(SamAutomaticMaskGenerator):
     def _process_batch(self, points, *args):
         if len(points) > 3:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise _OOM
         return super()._process_batch(points, *args)
 
 
-def test_oom_halves_points_per_batch(models):
+def _oom_on_big_chunks(model, low_res, *args):
+    if len(low_res) > 6:
+        raise _OOM
+    return amg_mod._mask_scores(model, low_res, *args)
+
+
+@pytest.mark.parametrize("where", ["decoder", "scoring"])
+def test_oom_halves_points_per_batch(models, where):
     ours, _ = models
     img = _blocks(1)
     kw = dict(BASE, points_per_batch=16, output_mode="uncompressed_rle")
     ref = SamAutomaticMaskGenerator(ours, **kw).generate(img)
-    gen = _OOMOnBigBatches(ours, **kw)
+    gen = (_OOMOnBigBatches if where == "decoder" else SamAutomaticMaskGenerator)(ours, **kw)
+    if where == "scoring":  # 48, 24 and 12 rows fail, 6 rows (points_per_batch=2) pass
+        gen._scores = _oom_on_big_chunks
     with pytest.warns(UserWarning, match="points_per_batch=8"):
         out = gen.generate(img)
     assert gen.points_per_batch == 2

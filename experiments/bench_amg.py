@@ -347,6 +347,8 @@ def build_parser():
     ap.add_argument("--ours-attention", default=None,
                     help="our encoder attention backend (default triton on CUDA, sdpa on CPU)")
     ap.add_argument("--ours-regional", action="store_true", help="compile one block per kind (faster compile)")
+    ap.add_argument("--ours-upscaling", default=None, choices=("conv", "triton"),
+                    help="our mask-decoder upscaling (default triton on CUDA, conv on CPU)")
     ap.add_argument("--ours-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--ours-postprocess-compile", default=None, choices=OURS_COMPILE,
                     help="compile mode of ours' mask scoring (default: 'default' on CUDA, none on CPU)")
@@ -483,6 +485,7 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
             dtype, mode = args.ours_dtype, f"{args.ours_compile}/{attention}" + ("/regional" if args.ours_regional else "")
             if args.ours_postprocess_compile != "none":
                 mode += f"/scoring-{args.ours_postprocess_compile}"
+            mode += f"/upscaling-{args.ours_upscaling or ('triton' if dev.type == 'cuda' else 'conv')}"
             ppb = args.ours_points_per_batch
         if time.time() - bench_encoder.T0 > args.budget_s:
             record(impl, dtype, mode, ppb, "skipped (time budget)")
@@ -517,7 +520,8 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
                         ours_config(model_type), None, dtype=getattr(torch, args.ours_dtype),
                         attention=attention, compile_mode=none(args.ours_compile), batch_size=1,
                         device=dev, regional=args.ours_regional,
-                        decoder_compile_mode=none(args.ours_decoder_compile), decoder_buckets=(ppb,))
+                        decoder_compile_mode=none(args.ours_decoder_compile), decoder_buckets=(ppb,),
+                        upscaling=args.ours_upscaling)
                 sam.load_state_dict(sd)
             extra = {}
             if impl == "ours" and args.ours_postprocess_compile != "none":

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_env import use_torch_ptxas
+
 @triton.jit
 def _gelu(x):
     return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
@@ -107,6 +109,7 @@ def _launch(src, hyper, w1, b1, ln_w, ln_b, ln_eps: float, w2, b2, grid_w: int, 
             "upscaling='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); use "
             "upscaling='conv' on the CPU."
         )
+    use_torch_ptxas()
     B, N, C = src.shape
     T, C8 = hyper.shape[1], hyper.shape[2]
     C4 = w1.shape[1]

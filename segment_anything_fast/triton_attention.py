@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .attention import register_backend
+from .triton_env import use_torch_ptxas
 
 _LOG2E = 1.4426950408889634
 
@@ -197,6 +198,7 @@ def _launch(
             "The 'triton' attention backend needs CUDA tensors (or TRITON_INTERPRET=1 for the "
             "Triton interpreter on CPU); use attention='flex' or 'sdpa' on the CPU."
         )
+    use_torch_ptxas()
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"triton attention: q, k, v shapes differ: {q.shape}, {k.shape}, {v.shape}.")
     B, nh, N, d = q.shape

@@ -107,3 +107,26 @@ def test_builder_picks_conv_upscaling_on_cpu():
         build_sam_fast("demo", device="cpu", upscaling="triton", compile_mode=None, decoder_compile_mode=None)
     sam = build_sam_fast("demo", device="cpu", dtype=None, compile_mode=None, decoder_compile_mode=None)
     assert sam.mask_decoder.upscaling == "conv"
+
+
+def test_kernels_use_torchs_ptxas(monkeypatch):
+    """Our kernels compile with torch's ptxas when torch ships one (as torch.compile does): with
+    Triton's bundled one, kernels compiled before any inductor compile faulted on the H100."""
+    import pathlib
+
+    from segment_anything_fast import triton_env
+
+    ptxas = pathlib.Path(torch.__file__).parent / "bin" / "ptxas"
+    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
+    triton_env.use_torch_ptxas.cache_clear()
+    try:  # torch's helper caches too
+        from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+
+        _set_triton_ptxas_path.cache_clear()
+    except ImportError:
+        pass
+    triton_env.use_torch_ptxas()
+    if ptxas.is_file():
+        assert os.environ["TRITON_PTXAS_PATH"] == str(ptxas)
+    else:
+        assert "TRITON_PTXAS_PATH" not in os.environ

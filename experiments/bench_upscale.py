@@ -7,8 +7,10 @@ chain (eager and torch.compile'd), accuracy vs float32 and speed, at SAM's decod
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -19,8 +21,28 @@ from segment_anything_fast.fused_upscale import fused_upscale_masks  # noqa: E40
 from segment_anything_fast.modeling.mask_decoder import MaskDecoder  # noqa: E402
 from segment_anything_fast.modeling.transformer import TwoWayTransformer  # noqa: E402
 
-CONFIGS = [dict(BLOCK=b, num_warps=w, num_stages=s) for b in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)
-           if not (b == 32 and w == 8)]
+# launch configs of the fused kernel (keys: fused_upscale.DEFAULT_CONFIG); the first is the default.
+# BLOCK 32/64 divides SAM's 64-wide grid, so ROW_STORE writes one contiguous run per output row
+_C = lambda b=64, w=4, s=2, **kw: dict(BLOCK=b, num_warps=w, num_stages=s, **kw)  # noqa: E731
+CONFIGS = [
+    _C(), _C(128, 8), _C(s=3), _C(ROUND=False),
+    _C(ROW_STORE=True), _C(w=8, ROW_STORE=True), _C(ROW_STORE=True, HOIST_W=True),
+    _C(ROW_STORE=True, BLOCKS_PER_PROG=4, HOIST_W=True),
+    _C(WIDE=True), _C(WIDE=True, ROW_STORE=True), _C(w=8, WIDE=True, ROW_STORE=True),
+    _C(32, WIDE=True, ROW_STORE=True), _C(128, 8, WIDE=True, ROW_STORE=True),
+    _C(WIDE=True, ROW_STORE=True, HOIST_W=True), _C(WIDE=True, ROW_STORE=True, ROUND=False),
+    _C(WIDE=True, ROW_STORE=True, HOIST_W=True, BLOCKS_PER_PROG=4),
+]
+_FLAGS = dict(ROUND=("", "R0"), ROW_STORE=("RS", ""), WIDE=("WIDE", ""), HOIST_W=("HW", ""))
+
+
+def config_name(c):
+    """``triton[BLOCK,warps,stages flags]``, e.g. ``triton[64,4,2 RS WIDE BPP4]``."""
+    flags = [on if c[k] else off for k, (on, off) in _FLAGS.items() if k in c]
+    if c.get("BLOCKS_PER_PROG", 1) > 1:
+        flags.append(f"BPP{c['BLOCKS_PER_PROG']}")
+    flags = " ".join(f for f in flags if f)
+    return "triton[{BLOCK},{num_warps},{num_stages}".format(**c) + (f" {flags}]" if flags else "]")
 
 
 def make_decoder(dim=256, seed=0):
@@ -33,6 +55,37 @@ def make_decoder(dim=256, seed=0):
     return dec.cuda().eval()
 
 
+def check_config(cfg, grid):
+    """One small bf16 launch of ``cfg`` (None: the default); raises on a CUDA error."""
+    dec = make_decoder().to(torch.bfloat16)
+    src = torch.randn(2, grid * grid, 256, device="cuda", dtype=torch.bfloat16)
+    hyper = torch.randn(2, 4, 32, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = fused_upscale_masks(dec.output_upscaling, src, hyper, grid, cfg)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+
+
+def launchable(configs, grid):
+    """The configs that launch cleanly, each tried in a child process (8 at a time; the
+    compiles land in Triton's cache): a kernel fault such as an illegal address would spoil
+    this process's CUDA context for every later row."""
+    def ok(cfg):
+        try:
+            res = subprocess.run([sys.executable, os.path.abspath(__file__), "--grid", str(grid),
+                                  "--check-config", json.dumps(cfg)], capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            return False, "timed out"
+        return res.returncode == 0, (res.stderr.strip().splitlines() or ["?"])[-1][:120]
+
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(ok, configs))
+    for cfg, (good, why) in zip(configs, results):
+        if not good:
+            print(f"skipping {'triton' if cfg is None else config_name(cfg)}: {why}", flush=True)
+    return [cfg for cfg, (good, _) in zip(configs, results) if good]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, nargs="+", default=[64, 256, 1024])
@@ -40,9 +93,13 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true", help="only the default launch config")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd module chain")
     ap.add_argument("--out", default=None, help="JSON file for the rows")
+    ap.add_argument("--check-config", default=None, help=argparse.SUPPRESS)  # launchable()'s child
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("bench_upscale needs a CUDA GPU (the CPU tests check the kernel's accuracy).")
+    if args.check_config is not None:
+        return check_config(json.loads(args.check_config), args.grid)
+    configs = launchable([None] + ([] if args.no_sweep else CONFIGS), args.grid)
     dec32 = make_decoder()
     dec = make_decoder().to(torch.bfloat16)
     up = dec.output_upscaling
@@ -61,11 +118,9 @@ def main(argv=None):
             variants = {"conv_eager": lambda: conv(src, tok)}
             if compiled is not None:
                 variants["conv_compiled"] = lambda: compiled(src, tok)
-            variants["triton"] = lambda: fused_upscale_masks(up, src, hyper, args.grid)
-            if not args.no_sweep:
-                for c in CONFIGS:
-                    key = "triton[{BLOCK},{num_warps},{num_stages}]".format(**c)
-                    variants[key] = (lambda c: lambda: fused_upscale_masks(up, src, hyper, args.grid, c))(c)
+            for c in configs:
+                variants["triton" if c is None else config_name(c)] = (
+                    lambda c: lambda: fused_upscale_masks(up, src, hyper, args.grid, c))(c)
             for name, fn in variants.items():
                 t0 = time.time()
                 try:
@@ -74,13 +129,13 @@ def main(argv=None):
                     first = time.time() - t0
                     ms = bench(fn, iters=10)
                 except Exception as e:  # a launch config that does not fit is skipped
-                    print(f"{p:5d} {name:22s} FAILED {type(e).__name__}: {str(e)[:100]}")
+                    print(f"{p:5d} {name:34s} FAILED {type(e).__name__}: {str(e)[:100]}")
                     continue
                 row = dict(prompts=p, variant=name, ms=ms, first_s=first,
                            rel_err=((out - ref).norm() / ref.norm()).item(),
                            sign_agree=((out > 0) == (ref > 0)).float().mean().item())
                 rows.append(row)
-                print(f"{p:5d} {name:22s} {ms:8.3f} ms  rel err {row['rel_err']:.2e}  sign agree "
+                print(f"{p:5d} {name:34s} {ms:8.3f} ms  rel err {row['rel_err']:.2e}  sign agree "
                       f"{row['sign_agree']:.5f}  first {first:.1f}s", flush=True)
         del src32, tok32, ref, src, tok, out
         torch.cuda.empty_cache()

@@ -1,6 +1,6 @@
 """The fused mask-upscaling kernel (``upscaling="triton"``) against the original module chain.
 
-As for the attention kernel, the Triton interpreter must be on before the kernel is defined, so
+Every launch variant of the kernel is checked too. As for the attention kernel, the Triton interpreter must be on before the kernel is defined, so
 the comparisons run in a child process (fp32 and fp16: the interpreter mishandles bfloat16).
 """
 import os
@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 _CHILD = textwrap.dedent(
     """
     import torch
+    from segment_anything_fast.fused_upscale import fused_upscale_masks
     from segment_anything_fast.modeling.mask_decoder import MaskDecoder
     from segment_anything_fast.modeling.transformer import TwoWayTransformer
 
@@ -39,15 +40,36 @@ _CHILD = textwrap.dedent(
         (128, 5, 3, 2, torch.float32, 1e-5),    # token count not a multiple of the block
         (128, 8, 8, 2, torch.float16, 5e-3),
     ]
+    # launch variants (fused_upscale.DEFAULT_CONFIG); BLOCK 8 divides the 8-wide grids, so the
+    # row stores take the one-run-per-row (ALIGNED) path there and the masked path elsewhere
+    variants = [
+        None,  # the custom op with the default config
+        dict(ROW_STORE=True),
+        dict(ROW_STORE=True, HOIST_W=True, BLOCK=8),
+        dict(WIDE=True),
+        dict(WIDE=True, ROW_STORE=True, BLOCK=8),
+        dict(WIDE=True, ROW_STORE=True, HOIST_W=True, BLOCK=16, BLOCKS_PER_PROG=3),  # tail program
+        dict(ROUND=False, HOIST_W=True, BLOCK=16, BLOCKS_PER_PROG=2),
+        dict(ROUND=False, WIDE=True, ROW_STORE=True, BLOCK=8),
+    ]
     for i, (c, h, w, b, dt, tol) in enumerate(cases):
         dec = decoder(c, dt, i)
         src = torch.randn(b, h * w, c).to(dt)
         tok = torch.randn(b, 4, c).to(dt)
         out, ref = both(dec, src, tok, w)
-        assert out.shape == ref.shape == (b, 4, 4 * h, 4 * w) and out.dtype == dt, (i, out.shape)
-        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-        assert err < tol, (i, err)
-        assert ((out > 0) == (ref > 0)).double().mean() > 0.99, i
+        hyper = torch.stack([m(tok[:, j]) for j, m in enumerate(dec.output_hypernetworks_mlps)], 1)
+        for cfg in variants:
+            if cfg is not None:
+                out = fused_upscale_masks(dec.output_upscaling, src, hyper, w, cfg)
+            assert out.shape == ref.shape == (b, 4, 4 * h, 4 * w) and out.dtype == dt, (i, cfg, out.shape)
+            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert err < tol, (i, cfg, err)
+            assert ((out > 0) == (ref > 0)).double().mean() > 0.99, (i, cfg)
+    try:
+        fused_upscale_masks(dec.output_upscaling, src, hyper, w, dict(ROWSTORE=True))
+        raise AssertionError("unknown config key accepted")
+    except ValueError as e:
+        assert "ROWSTORE" in str(e)
 
     # one image's tokens shared by all prompts (batch stride 0), as predict_masks passes them
     dec = decoder(128, torch.float32, 7)

@@ -328,7 +328,9 @@ def decode_packed(sam, embeddings, image_index, sparse, dense):
 
 def _encode(sam, images: List[torch.Tensor], device, dtype) -> torch.Tensor:
     x = torch.stack([sam.preprocess(im.to(device, non_blocking=True).float()) for im in images])
-    return sam.image_encoder(x.to(dtype))
+    # contiguous: the compiled encoder may return another memory layout, and the packed decoder
+    # is compiled (warm_up_decoders) for contiguous embeddings; a stride change recompiles it
+    return sam.image_encoder(x.to(dtype)).contiguous()
 
 
 def _prompt(sam, points: torch.Tensor, labels: torch.Tensor):

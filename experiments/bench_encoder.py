@@ -440,6 +440,18 @@ def main():
             t = time.time()
             t_ours, m_ours = predictor_e2e(sam, SamPredictor, image, coords)
             ious = iou(m_ours, m_orig)
+            if args.profile:
+                pred = SamPredictor(sam)
+                c = torch.as_tensor(pred.transform.apply_coords(coords, image.shape[:2]),
+                                    dtype=torch.float, device="cuda")[:, None, :]
+                lab = torch.ones(c.shape[0], 1, dtype=torch.int, device="cuda")
+
+                def e2e():
+                    pred.set_image(image)
+                    pred.predict_torch(c, lab, multimask_output=True)
+
+                with open(stem + "_predictor_profile.txt", "w") as f:
+                    f.write(profile(e2e, "ours predictor e2e", cpu=True) + "\n")
             rows.append(dict(model=args.model, impl="predictor_e2e", mode=args.ours_mode, batch=1,
                              status="ok", orig_fp32_s=t_orig, ours_s=t_ours,
                              speedup=t_orig / t_ours, mask_iou_min=ious.min().item(),

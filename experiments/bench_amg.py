@@ -349,6 +349,8 @@ def build_parser():
     ap.add_argument("--ours-regional", action="store_true", help="compile one block per kind (faster compile)")
     ap.add_argument("--ours-upscaling", default=None, choices=("conv", "triton"),
                     help="our mask-decoder upscaling (default triton on CUDA, conv on CPU)")
+    ap.add_argument("--ours-decoder-attention", default=None, choices=("sdpa", "triton"),
+                    help="ours' mask-decoder attention (default: the builder's, triton on CUDA)")
     ap.add_argument("--ours-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--ours-postprocess-compile", default=None, choices=OURS_COMPILE,
                     help="compile mode of ours' mask scoring (default: 'default' on CUDA, none on CPU)")
@@ -486,6 +488,7 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
             if args.ours_postprocess_compile != "none":
                 mode += f"/scoring-{args.ours_postprocess_compile}"
             mode += f"/upscaling-{args.ours_upscaling or ('triton' if dev.type == 'cuda' else 'conv')}"
+            mode += f"/dec-attn-{args.ours_decoder_attention or ('triton' if dev.type == 'cuda' else 'sdpa')}"
             ppb = args.ours_points_per_batch
         if time.time() - bench_encoder.T0 > args.budget_s:
             record(impl, dtype, mode, ppb, "skipped (time budget)")
@@ -521,7 +524,7 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
                         attention=attention, compile_mode=none(args.ours_compile), batch_size=1,
                         device=dev, regional=args.ours_regional,
                         decoder_compile_mode=none(args.ours_decoder_compile), decoder_buckets=(ppb,),
-                        upscaling=args.ours_upscaling)
+                        upscaling=args.ours_upscaling, decoder_attention=args.ours_decoder_attention)
                 sam.load_state_dict(sd)
             extra = {}
             if impl == "ours" and args.ours_postprocess_compile != "none":

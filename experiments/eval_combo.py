@@ -59,7 +59,7 @@ COMPILE_MODES = ("none", "default", "max-autotune")
 PROMPT_BATCHING = ("nested", "padded", "none")
 CSV_FIELDS = (
     "timestamp", "model_type", "checkpoint", "device", "dtype", "compile", "attention",
-    "upscaling", "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
+    "upscaling", "decoder_attention", "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
     "n_annotations", "n_skipped_images", "warmup_batches", "timed_images", "miou",
     "img_per_s_model", "img_per_s_end_to_end", "img_per_s_encoder_only", "end_to_end_vs_encoder",
     "peak_gpu_memory_mib", "gpu_name",
@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask-decoder upscaling: conv (the original ConvTranspose modules) or "
                         "triton (segment_anything_fast.fused_upscale: one fused kernel, CUDA only; "
                         "default conv)")
+    m.add_argument("--decoder-attention", default="sdpa",
+                   help="mask-decoder attention: sdpa (scaled_dot_product_attention) or triton "
+                        "(segment_anything_fast.decoder_attention: one kernel with tiles sized to "
+                        "the prompt tokens, CUDA only; default sdpa)")
     m.add_argument("--prompt-batching", default="padded",
                    help="how the decoder sees the prompts of a batch. "
                         "padded: encoder on the whole batch, then one decoder call per image with "
@@ -195,6 +199,10 @@ def validate_args(args, parser) -> None:
         bad("--upscaling", args.upscaling, ("conv", "triton"))
     if args.upscaling == "triton" and args.device != "cuda":
         parser.error("--upscaling triton needs --device cuda; use --upscaling conv on the CPU.")
+    if args.decoder_attention not in ("sdpa", "triton"):
+        bad("--decoder-attention", args.decoder_attention, ("sdpa", "triton"))
+    if args.decoder_attention == "triton" and args.device != "cuda":
+        parser.error("--decoder-attention triton needs --device cuda; use --decoder-attention sdpa on the CPU.")
     if args.prompt_batching not in PROMPT_BATCHING:
         bad("--prompt-batching", args.prompt_batching, PROMPT_BATCHING)
     if args.compress not in compress_modes():
@@ -246,6 +254,7 @@ def build_model(args, verbose: bool = True):
     sam = build_sam(model_config(args), args.checkpoint, attention=args.attention)
     sam = cast_model(sam.to(args.device), getattr(torch, args.dtype)).eval()
     sam.mask_decoder.set_upscaling(args.upscaling)
+    sam.mask_decoder.transformer.set_attention(args.decoder_attention)
     if args.compress != "none":
         from segment_anything_fast.quantize import compress
 
@@ -685,6 +694,7 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
         "checkpoint": args.checkpoint or f"random-init(seed={args.seed})",
         "device": str(device), "dtype": args.dtype, "compile": args.compile,
         "attention": args.attention, "upscaling": args.upscaling,
+        "decoder_attention": args.decoder_attention,
         "prompt_batching": args.prompt_batching,
         "compress": args.compress, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "limit": args.limit if args.limit is not None else "",

@@ -26,6 +26,12 @@ def _resolve_device(device: Union[str, torch.device]) -> torch.device:
     return dev
 
 
+def _decoder_triton_ok(sam) -> bool:
+    from .modeling.transformer import Attention, triton_supported
+
+    return all(triton_supported(m) for m in sam.mask_decoder.modules() if isinstance(m, Attention))
+
+
 def build_sam_fast(
     config: Union[str, SamConfig] = "vit_h",
     checkpoint: Optional[Union[str, os.PathLike]] = None,
@@ -33,6 +39,7 @@ def build_sam_fast(
     dtype: Optional[torch.dtype] = torch.bfloat16,
     attention: Optional[str] = None,
     upscaling: Optional[str] = None,
+    decoder_attention: Optional[str] = None,
     compile_mode: Optional[str] = "max-autotune",
     batch_size: int = 1,
     device: Union[str, torch.device] = "cuda",
@@ -58,6 +65,9 @@ def build_sam_fast(
         upscaling: mask-decoder upscaling: "triton" (``fused_upscale``: ConvTranspose chain and
             hypernetwork product in one kernel, CUDA only) or "conv" (the original modules).
             None picks "triton" on CUDA and "conv" elsewhere.
+        decoder_attention: mask-decoder attention: "triton" (``decoder_attention``: tiles sized to
+            the few prompt tokens, no head-split or broadcast copies, CUDA only) or "sdpa". None
+            picks "triton" on CUDA when the decoder's head dims allow it, else "sdpa".
         compile_mode: torch.compile mode of the image encoder ("max-autotune" uses CUDA graphs),
             or None for eager.
         batch_size: static encoder batch; smaller batches are padded to it, larger ones chunked.
@@ -95,17 +105,22 @@ def build_sam_fast(
     with dev:  # initialise the weights on the target device (much faster than on the CPU)
         sam = build_sam(config, checkpoint, attention=attention)
     sam.to(dev)
+    if decoder_attention is None:
+        decoder_attention = "triton" if dev.type == "cuda" and _decoder_triton_ok(sam) else "sdpa"
+    if decoder_attention == "triton" and dev.type != "cuda":
+        raise ValueError("decoder_attention='triton' needs device='cuda'; use 'sdpa' on the CPU.")
     if compiled_package is not None:
         from .aot import attach_compiled_package
 
-        make_fast(sam, dtype=dtype, attention=attention, upscaling=upscaling, compile_mode=None,
-                  decoder_mode=None)
+        make_fast(sam, dtype=dtype, attention=attention, upscaling=upscaling,
+                  decoder_attention=decoder_attention, compile_mode=None, decoder_mode=None)
         return attach_compiled_package(sam, compiled_package, batch_size=batch_size, cache_dir=cache_dir)
     return make_fast(
         sam,
         dtype=dtype,
         attention=attention,
         upscaling=upscaling,
+        decoder_attention=decoder_attention,
         compress=compress,
         compile_mode=compile_mode,
         batch_size=batch_size,

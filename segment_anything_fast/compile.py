@@ -254,12 +254,14 @@ def make_fast(
     decoder_buckets: Sequence[int] = DEFAULT_DECODER_BUCKETS,
     compress: str = "none",
     upscaling: Optional[str] = None,
+    decoder_attention: Optional[str] = None,
 ) -> nn.Module:
     """Apply :func:`cast_model`, :func:`set_attention_backend`, the decoder's ``upscaling``
-    ("conv" or "triton", ``MaskDecoder.set_upscaling``), ``quantize.compress`` and the two
-    compiles in place, in that order.
+    ("conv" or "triton", ``MaskDecoder.set_upscaling``) and ``decoder_attention`` ("sdpa" or
+    "triton", ``TwoWayTransformer.set_attention``), ``quantize.compress`` and the two compiles
+    in place, in that order.
 
-    ``None`` for ``dtype``/``attention``/``upscaling``/``compile_mode``/``decoder_mode`` (and
+    ``None`` for ``dtype``/``attention``/``upscaling``/``decoder_attention``/``compile_mode``/``decoder_mode`` (and
     ``"none"`` for ``compress``) skips that step.
     """
     if dtype is not None:
@@ -268,6 +270,8 @@ def make_fast(
         set_attention_backend(sam.image_encoder, attention)
     if upscaling is not None:
         sam.mask_decoder.set_upscaling(upscaling)
+    if decoder_attention is not None:
+        sam.mask_decoder.transformer.set_attention(decoder_attention)
     if compress != "none":
         from .quantize import compress as compress_encoder
 

@@ -41,6 +41,22 @@ class TwoWayTransformer(nn.Module):
         )
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
+    def set_attention(self, backend: str) -> None:
+        """Choose the attention of every layer: "sdpa" (``scaled_dot_product_attention``, any
+        device) or "triton" (``decoder_attention``: one fused kernel, CUDA; same outputs)."""
+        if backend not in ("sdpa", "triton"):
+            raise ValueError(f"decoder attention must be 'sdpa' or 'triton', not {backend!r}.")
+        attns = [m for m in self.modules() if isinstance(m, Attention)]
+        if backend == "triton":
+            bad = [(a.internal_dim, a.num_heads) for a in attns if not triton_supported(a)]
+            if bad:
+                raise ValueError(
+                    f"decoder_attention='triton' needs power-of-two head dims >= 16; this decoder has "
+                    f"(width, heads) {sorted(set(bad))}. Use decoder_attention='sdpa'."
+                )
+        for a in attns:
+            a.backend = backend
+
     def forward(
         self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor
     ) -> Tuple[Tensor, Tensor]:
@@ -122,6 +138,7 @@ class Attention(nn.Module):
                 f"num_heads ({num_heads}) must divide the attention width "
                 f"{embedding_dim} // {downsample_rate} = {self.internal_dim}."
             )
+        self.backend = "sdpa"  # or "triton": see TwoWayTransformer.set_attention
         self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
@@ -137,6 +154,10 @@ class Attention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Batch sizes may differ where one of them is 1 (broadcast, as in the original's matmul)."""
+        if self.backend == "triton":
+            from ..decoder_attention import decoder_attention
+
+            return self.out_proj(decoder_attention(self.q_proj(q), self.k_proj(k), self.v_proj(v), self.num_heads))
         q = self._separate_heads(self.q_proj(q), self.num_heads)
         k = self._separate_heads(self.k_proj(k), self.num_heads)
         v = self._separate_heads(self.v_proj(v), self.num_heads)
@@ -147,3 +168,9 @@ class Attention(nn.Module):
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
         return self.out_proj(self._recombine_heads(out))
+
+
+def triton_supported(attn: Attention) -> bool:
+    """Whether ``decoder_attention``'s kernel takes this layer's head dim (a power of two >= 16)."""
+    d = attn.internal_dim // attn.num_heads
+    return d >= 16 and d & (d - 1) == 0

@@ -239,3 +239,12 @@ def test_aoti_load_check_refuses_a_missing_output_folder(tmp_path):
     with pytest.raises(SystemExit) as e:
         aoti_load_check.main(["--device", "cpu", "--output", str(tmp_path / "no" / "x.json")])
     assert e.value.code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_bench_decoder_needs_a_gpu(capsys):
+    import bench_decoder
+
+    with pytest.raises(SystemExit):
+        bench_decoder.main(["--prompts", "8"])
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -436,8 +436,8 @@ def main():
             sam.load_state_dict(sd)
             make_fast(sam, dtype=torch.bfloat16, attention=args.ours_attention,
                       compile_mode=args.ours_mode, batch_size=1, regional=args.ours_regional,
-                      decoder_mode="default", decoder_buckets=(64,), upscaling="triton",
-                      decoder_attention="triton")
+                      decoder_mode="reduce-overhead", decoder_buckets=(64,), upscaling="triton",
+                      decoder_attention="triton", postprocess_mode="default")
             t = time.time()
             t_ours, m_ours = predictor_e2e(sam, SamPredictor, image, coords)
             ious = iou(m_ours, m_orig)

@@ -46,6 +46,7 @@ def build_sam_fast(
     regional: bool = False,
     decoder_compile_mode: Optional[str] = "max-autotune-no-cudagraphs",
     decoder_buckets: Sequence[int] = DEFAULT_DECODER_BUCKETS,
+    postprocess_compile_mode: Optional[str] = "default",
     compress: str = "none",
     compiled_package: Optional[Union[str, os.PathLike]] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
@@ -75,6 +76,9 @@ def build_sam_fast(
         regional: compile one windowed and one global block and reuse them (faster compile).
         decoder_compile_mode: torch.compile mode of the mask decoder, or None for eager.
         decoder_buckets: prompt counts the decoder is compiled for (inputs padded up to one).
+        postprocess_compile_mode: torch.compile mode of the predictor's mask post-processing
+            (``compile.compile_postprocess``: upscale + threshold in one kernel, compiled at the
+            first prediction), or None for eager.
         compress: image-encoder compression mode of ``quantize.COMPRESS_MODES`` (applied after
             the cast, before compiling).
         compiled_package: an AOTInductor ``.pt2`` made by ``scripts/export_package.py`` for
@@ -109,11 +113,13 @@ def build_sam_fast(
         decoder_attention = "triton" if dev.type == "cuda" and _decoder_triton_ok(sam) else "sdpa"
     if decoder_attention == "triton" and dev.type != "cuda":
         raise ValueError("decoder_attention='triton' needs device='cuda'; use 'sdpa' on the CPU.")
+    post = postprocess_compile_mode
     if compiled_package is not None:
         from .aot import attach_compiled_package
 
         make_fast(sam, dtype=dtype, attention=attention, upscaling=upscaling,
-                  decoder_attention=decoder_attention, compile_mode=None, decoder_mode=None)
+                  decoder_attention=decoder_attention, compile_mode=None, decoder_mode=None,
+                  postprocess_mode=post)
         return attach_compiled_package(sam, compiled_package, batch_size=batch_size, cache_dir=cache_dir)
     return make_fast(
         sam,
@@ -127,6 +133,7 @@ def build_sam_fast(
         regional=regional,
         decoder_mode=decoder_compile_mode,
         decoder_buckets=decoder_buckets,
+        postprocess_mode=post,
     )
 
 

@@ -51,6 +51,17 @@ def compile_function(fn, mode: str, backend: str = "inductor", dynamic: Optional
     return torch.compile(fn, **kw)
 
 
+def compile_postprocess(sam: nn.Module, mode: str = "default", backend: str = "inductor") -> nn.Module:
+    """Compile ``sam.masks_from_logits`` (upscale, crop, resize, threshold): the predictor's
+    full-resolution float32 logits are then never written, only the bool masks (one fused
+    kernel instead of two interpolations and a comparison). New image sizes reuse it
+    (automatic dynamic shapes after the second size)."""
+    from .modeling.sam import _masks_from_logits
+
+    sam._masks_fn = compile_function(_masks_from_logits, mode, backend)
+    return sam
+
+
 def cast_model(sam: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Cast the three sub-networks to ``dtype`` in place (pixel mean/std stay float32)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -255,11 +266,13 @@ def make_fast(
     compress: str = "none",
     upscaling: Optional[str] = None,
     decoder_attention: Optional[str] = None,
+    postprocess_mode: Optional[str] = None,
 ) -> nn.Module:
     """Apply :func:`cast_model`, :func:`set_attention_backend`, the decoder's ``upscaling``
     ("conv" or "triton", ``MaskDecoder.set_upscaling``) and ``decoder_attention`` ("sdpa" or
     "triton", ``TwoWayTransformer.set_attention``), ``quantize.compress`` and the two compiles
-    in place, in that order.
+    in place, in that order; ``postprocess_mode`` compiles the predictor's mask
+    post-processing (:func:`compile_postprocess`).
 
     ``None`` for ``dtype``/``attention``/``upscaling``/``decoder_attention``/``compile_mode``/``decoder_mode`` (and
     ``"none"`` for ``compress``) skips that step.
@@ -284,4 +297,6 @@ def make_fast(
         sam.mask_decoder = compile_mask_decoder(
             sam.mask_decoder, mode=decoder_mode, buckets=decoder_buckets
         )
+    if postprocess_mode is not None:
+        compile_postprocess(sam, postprocess_mode)
     return sam.eval()

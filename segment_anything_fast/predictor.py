@@ -153,11 +153,8 @@ class SamPredictor:
 
     def _predict(self, coords, labels, boxes, mask_input, multimask_output, return_logits):
         low_res, scores = self._predict_low_res(coords, labels, boxes, mask_input, multimask_output)
-        low_res = low_res.float()
-        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
-        return masks, scores.float(), low_res
+        masks = self.model.masks_from_logits(low_res, self.input_size, self.original_size, return_logits)
+        return masks, scores.float(), low_res.float()
 
     @torch.no_grad()
     def _predict_low_res(self, coords, labels, boxes, mask_input, multimask_output):

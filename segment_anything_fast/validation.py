@@ -242,7 +242,11 @@ def check_mask_input(mask_input, mask_size: Tuple[int, int]) -> Optional[np.ndar
 def check_prompts_torch(
     point_coords, point_labels, boxes, mask_input, mask_size: Tuple[int, int], device
 ) -> None:
-    """Batched prompt tensors for ``predict_torch`` (already in the model's input frame)."""
+    """Batched prompt tensors for ``predict_torch`` (already in the model's input frame).
+
+    Shapes, dtypes and devices are always checked; the values (NaN/inf, label values, box
+    order) only of tensors on the CPU: on a GPU each such check is a host sync that would stall
+    the caller until the image encoder has finished (``predict`` checks every value)."""
     dev = torch.device(device)
     batch = {}
 
@@ -251,7 +255,7 @@ def check_prompts_torch(
             raise TypeError(f"{name} must be a torch.Tensor, got {_kind(x)}; use predict() for numpy inputs.")
         if not _same_device(x.device, dev):
             raise ValueError(f"{name} is on {x.device} but the model is on {dev}; move it with .to(predictor.device).")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if x.is_floating_point() and x.device.type == "cpu" and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or inf values.")
         batch[name] = x.shape[0] if x.ndim else None
 
@@ -269,11 +273,13 @@ def check_prompts_torch(
                 f"point_labels must have shape BxN = {tuple(point_coords.shape[:2])} to match point_coords, "
                 f"got {tuple(point_labels.shape)}."
             )
-        if point_labels.is_floating_point() or point_labels.dtype == torch.bool:
-            if point_labels.dtype == torch.bool or not bool((point_labels == point_labels.round()).all()):
-                raise ValueError(f"point_labels must be integers, got dtype {point_labels.dtype}.")
-        bad = ~((point_labels == 0) | (point_labels == 1) | (point_labels == -1))
-        if bool(bad.any()):
+        if point_labels.dtype == torch.bool:
+            raise ValueError(f"point_labels must be integers, got dtype {point_labels.dtype}.")
+        on_cpu = point_labels.device.type == "cpu"
+        if on_cpu and point_labels.is_floating_point() and not bool((point_labels == point_labels.round()).all()):
+            raise ValueError(f"point_labels must be integers, got dtype {point_labels.dtype}.")
+        bad = ~((point_labels == 0) | (point_labels == 1) | (point_labels == -1)) if on_cpu else None
+        if on_cpu and bool(bad.any()):
             raise ValueError(
                 "point_labels must be 1 (foreground), 0 (background) or -1 (padding, ignored), got "
                 f"{sorted(set(point_labels[bad].tolist()))}."
@@ -284,7 +290,8 @@ def check_prompts_torch(
             raise ValueError(f"boxes must have shape Bx4 (XYXY), got {tuple(boxes.shape)}.")
         if boxes.shape[0] == 0:
             raise ValueError("boxes is empty (shape 0x4); pass at least one box or boxes=None.")
-        _check_box_order(boxes.detach().float().cpu().numpy(), "boxes")
+        if boxes.device.type == "cpu":
+            _check_box_order(boxes.detach().float().numpy(), "boxes")
     if mask_input is not None:
         tensor(mask_input, "mask_input")
         h, w = mask_size

@@ -149,3 +149,25 @@ def test_build_sam_fast_compress_int8_matches_uncompressed(tmp_path):
     assert cos > 0.99
     with pytest.raises(ValueError, match="compress"):
         build_sam_fast(TINY, ckpt, compress="int4_magic", **kw)
+
+
+def test_compiled_postprocess_gives_the_eager_masks():
+    """compile_postprocess (inductor on the CPU): the predictor's bool masks equal the eager
+    ones; logits agree to float rounding."""
+    import numpy as np
+
+    from segment_anything_fast import SamPredictor
+    from segment_anything_fast.compile import compile_postprocess
+
+    ours, _ = build_pair()
+    pred = SamPredictor(ours.eval())
+    hw = (50, 70)
+    pred.set_image((np.random.default_rng(0).random((*hw, 3)) * 255).astype(np.uint8))
+    coords = pred.transform.apply_coords_torch(torch.tensor([[[10.0, 20.0]], [[30.0, 5.0]]]), hw)
+    labels = torch.ones(2, 1, dtype=torch.int)
+    ref, ref_logits = (pred.predict_torch(coords, labels, return_logits=r)[0] for r in (False, True))
+    compile_postprocess(ours)
+    masks, logits = (pred.predict_torch(coords, labels, return_logits=r)[0] for r in (False, True))
+    assert masks.dtype == torch.bool and masks.shape == (2, 3, *hw) and torch.equal(masks, ref)
+    assert ref.any() and not ref.all()  # a real threshold, not a trivially equal mask
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)

@@ -32,6 +32,15 @@ class Sam(nn.Module):
         self.register_buffer("pixel_mean", torch.empty(0), False)
         self.register_buffer("pixel_std", torch.empty(0), False)
         self.init_nonpersistent_buffers()
+        self._masks_fn = _masks_from_logits  # compiled by compile.compile_postprocess
+
+    def masks_from_logits(
+        self, low_res: torch.Tensor, input_size: Tuple[int, ...], original_size: Tuple[int, ...],
+        return_logits: bool = False,
+    ) -> torch.Tensor:
+        """:meth:`postprocess_masks`, then ``> mask_threshold`` unless ``return_logits``: the
+        predictor's last step (one fused kernel once ``compile.compile_postprocess`` ran)."""
+        return self._masks_fn(self, low_res, input_size, original_size, return_logits)
 
     def init_nonpersistent_buffers(self, device=None) -> None:
         """(Re)create pixel_mean/pixel_std, e.g. after building on the meta device."""
@@ -117,3 +126,8 @@ class Sam(nn.Module):
         h, w = x.shape[-2:]
         size = self.image_encoder.img_size
         return F.pad(x, (0, size - w, 0, size - h))
+
+
+def _masks_from_logits(sam: Sam, low_res, input_size, original_size, return_logits: bool):
+    masks = sam.postprocess_masks(low_res, input_size, original_size)
+    return masks if return_logits else masks > sam.mask_threshold

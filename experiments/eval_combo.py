@@ -55,7 +55,7 @@ from segment_anything_fast.distributed import (  # noqa: E402
 
 # tiny: SAM_CONFIGS["tiny"]; auto: the config stored in --checkpoint, else its official type
 MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "default", "tiny", "auto")
-COMPILE_MODES = ("none", "default", "max-autotune")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 PROMPT_BATCHING = ("nested", "padded", "none")
 CSV_FIELDS = (
     "timestamp", "model_type", "checkpoint", "device", "dtype", "compile", "attention",
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default float32)")
     m.add_argument("--compile", default="none",
                    help=f"torch.compile the image encoder and mask decoder: {', '.join(COMPILE_MODES)} "
-                        "(default none)")
+                        "(default none; reduce-overhead: CUDA graphs for the encoder and the decoders, "
+                        "max-autotune: for the encoder only)")
     m.add_argument("--attention", default="math",
                    help="image-encoder attention backend: any registered one (math, sdpa, and flex/"
                         "triton when available; default math)")
@@ -244,7 +245,8 @@ def model_config(args):
 def build_model(args, verbose: bool = True):
     """Build, move, cast, compress and compile the model as the flags say."""
     from segment_anything_fast.build_sam import build_sam
-    from segment_anything_fast.compile import cast_model, compile_image_encoder, compile_mask_decoder
+    from segment_anything_fast.compile import (cast_model, compile_image_encoder, compile_mask_decoder,
+                                               compile_postprocess)
 
     if args.checkpoint is None and verbose:
         print("NOTE: no --checkpoint given: the model has RANDOM weights; the mIoU below is "
@@ -261,7 +263,7 @@ def build_model(args, verbose: bool = True):
         compress(sam, args.compress)
     if args.compile != "none":
         # Static shapes: the encoder batch is padded to --batch-size, decoder prompt counts to
-        # buckets; CUDA graphs (max-autotune) only for the encoder, as build_sam_fast does.
+        # buckets; with max-autotune CUDA graphs only for the encoder, as build_sam_fast does.
         sam.image_encoder = compile_image_encoder(
             sam.image_encoder, mode=args.compile,
             batch_size=1 if args.prompt_batching == "none" else args.batch_size)
@@ -269,8 +271,20 @@ def build_model(args, verbose: bool = True):
         sam.mask_decoder = compile_mask_decoder(sam.mask_decoder, mode=dec_mode)
         # nested mode: the total prompt count of a batch is padded to a bucket (static shapes,
         # one graph per bucket, all compiled before the timing by warm_up_decoders).
-        sam._packed_decoder = compile_function(decode_packed, dec_mode, dynamic=False)
+        packed = compile_function(decode_packed, dec_mode, dynamic=False)
+        sam._packed_decoder = _graph_steps(packed) if dec_mode == "reduce-overhead" else packed
+        # upscale + threshold of the best masks in one kernel per image size (dynamic shapes)
+        compile_postprocess(sam, "default")
     return sam
+
+
+def _graph_steps(fn):
+    """``fn`` compiled with CUDA graphs: each call starts a new graph step and copies its outputs
+    out of the graph's memory pool (the next replay overwrites it)."""
+    def run(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return tuple(t.clone() for t in fn(*args))
+    return run
 
 
 def _bucket(n: int) -> int:
@@ -350,8 +364,7 @@ def _best_masks(sam, low_res, iou, input_size, original_size) -> torch.Tensor:
     """Pick the highest-IoU of the multimask outputs and upscale to a (K, H, W) bool mask."""
     best = iou.argmax(dim=1)
     low = low_res[torch.arange(low_res.shape[0], device=low_res.device), best][:, None]
-    up = sam.postprocess_masks(low.float(), input_size, original_size)
-    return up[:, 0] > sam.mask_threshold
+    return sam.masks_from_logits(low, input_size, original_size)[:, 0]
 
 
 @torch.inference_mode()

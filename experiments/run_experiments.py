@@ -192,7 +192,7 @@ def build_parser():
     ap.add_argument("--limit", type=int, default=64, help="images per step (default 64)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--compile-mode", default="default", choices=("default", "max-autotune"),
+    ap.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                     help="torch.compile mode of the compile step onwards (default: default, which "
                          "compiles in a fraction of max-autotune's time)")
     ap.add_argument("--fused-attention", default=None,

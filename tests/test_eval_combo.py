@@ -232,7 +232,7 @@ def test_bad_annotations_and_flags(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     for flag, value in [("--prompt-batching", "ragged"), ("--compile", "fast"),
                         ("--attention", "nope"), ("--dtype", "fp16"), ("--model-type", "vit_x"),
-                        ("--compress", "int3")]:
+                        ("--compress", "int3"), ("--decoder-attention", "flash")]:
         with pytest.raises(SystemExit) as e:
             ec.main(_args(root, tmp_path, flag, value))
         assert e.value.code == 2
@@ -281,3 +281,10 @@ def test_checkpoint_and_config_json(synth, tmp_path, capsys):
     assert _rows(tmp_path / "r.csv")[-1]["model_type"] == "custom"
     assert ec.main(_args(synth, tmp_path, "--config-json", '{"encoder_embed_dim": "wide"')) == 2
     assert "--config-json" in capsys.readouterr().err
+
+
+def test_graph_steps_copy_outputs_out_of_the_graph_pool():
+    out = (torch.ones(3), torch.zeros(2))
+    a, b = ec._graph_steps(lambda *args: out)(1, 2)
+    assert torch.equal(a, out[0]) and torch.equal(b, out[1])
+    assert a.data_ptr() != out[0].data_ptr() and b.data_ptr() != out[1].data_ptr()

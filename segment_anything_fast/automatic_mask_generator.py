@@ -11,6 +11,13 @@ ones. Candidates are de-duplicated (our own batched NMS, no torchvision) after t
 full-resolution masks are rebuilt from the low-res logits only for the survivors, then
 run-length encoded, or for 'binary_mask' output without ``min_mask_region_area`` copied to
 the host as they are. COCO RLE and ``min_mask_region_area`` (OpenCV) run on the CPU.
+
+Host syncs are kept to those that decide shapes or need host work: on CUDA, host-to-device
+copies go through page-locked memory without blocking (``to_device``), and for one crop with
+'binary_mask' output a ``generate`` call waits for the GPU five times: the image upload
+(before any GPU work), the two ``nonzero`` above (one without ``pred_iou_thresh``), the IoU
+matrix of the NMS (its greedy pass runs on the host) and once at the end, for all the
+device-to-host copies of the output.
 """
 import warnings
 from typing import Any, Dict, List, Optional
@@ -23,7 +30,6 @@ from .predictor import SamPredictor, module_dtype
 from .utils.amg import (
     MaskData,
     area_from_rle,
-    batch_iterator,
     batched_mask_to_box,
     batched_nms,
     box_area,
@@ -35,6 +41,7 @@ from .utils.amg import (
     mask_to_rle_pytorch,
     remove_small_regions,
     rle_to_mask,
+    to_device,
     uncrop_boxes_xyxy,
     uncrop_masks,
     uncrop_points,
@@ -61,6 +68,23 @@ def _near_crop_edge(boxes: torch.Tensor, crop_box: List[int], orig_size, atol: f
     return near
 
 
+def _render_masks(model, low_res: torch.Tensor, input_size, image_size, count: bool):
+    """Full-resolution bool masks of (N, h, w) low-res logits, with their pixel counts (int64)
+    when ``count`` (else None). Compiled, the image-resolution float logits are thresholded and
+    counted as they are computed, never written out (inductor still materializes the first,
+    model-input-sized upscale)."""
+    masks = model.postprocess_masks(low_res.float()[:, None], input_size, image_size)[:, 0] > model.mask_threshold
+    return masks, (masks.flatten(1).sum(1) if count else None)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor's copy into page-locked host memory, queued without blocking: not to be
+    read before the stream is synchronized. Host tensors are returned as they are."""
+    if not t.is_cuda:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
 def _mask_scores(model, low_res: torch.Tensor, input_size, image_size, offset: float):
     """Stability scores and XYXY boxes of the full-resolution masks of (N, h, w) low-res
     logits (the masks themselves are not returned)."""
@@ -83,8 +107,9 @@ class SamAutomaticMaskGenerator:
 
     ``postprocess_compile_mode`` (not in the original; a ``torch.compile`` mode or None for
     eager) compiles the candidates' scoring (upscale to full resolution, stability score,
-    box), so the full-resolution logits are fused into the reductions instead of being
-    written out; it is called on chunks of exactly ``3 * points_per_batch`` candidates.
+    box) and the survivors' rendering (upscale, threshold, area), so the full-resolution
+    logits are fused into the reductions instead of being written out; both are called on
+    chunks of exactly ``3 * points_per_batch`` rows.
     """
 
     def __init__(
@@ -125,11 +150,12 @@ class SamAutomaticMaskGenerator:
             except ImportError as e:
                 raise ImportError("min_mask_region_area > 0 needs OpenCV: pip install opencv-python") from e
 
-        self._scores = _mask_scores
+        self._scores, self._render = _mask_scores, _render_masks
         if postprocess_compile_mode is not None:
             from .compile import compile_function
 
             self._scores = compile_function(_mask_scores, postprocess_compile_mode)
+            self._render = compile_function(_render_masks, postprocess_compile_mode)
         self._pad_chunks = postprocess_compile_mode is not None
         self.predictor = SamPredictor(model)
         self.points_per_batch = points_per_batch
@@ -152,8 +178,9 @@ class SamAutomaticMaskGenerator:
         Each record has ``segmentation`` (HxW bool array or RLE dict per ``output_mode``),
         ``area`` (int), ``bbox`` (XYWH), ``predicted_iou``, ``point_coords`` ([[x, y]]),
         ``stability_score`` and ``crop_box`` (XYWH). Without ``min_mask_region_area`` the
-        'binary_mask' arrays are views of one host block per batch of masks (kept alive while
-        any of them is referenced); ``.copy()`` the few you keep of many.
+        'binary_mask' arrays are views of one host block (per call on CUDA, per batch of masks
+        on the CPU), kept alive while any of them is referenced; ``.copy()`` the few you keep
+        of many.
         """
         validation.check_image(image, "RGB", self.predictor.transform.target_length)
         return self._finish(self._generate_masks(image))
@@ -251,20 +278,17 @@ class SamAutomaticMaskGenerator:
             else:
                 segs = rles
             areas = [area_from_rle(r) for r in rles]
-        out = []
-        for i, seg in enumerate(segs):
-            out.append(
-                {
-                    "segmentation": seg,
-                    "area": areas[i],
-                    "bbox": box_xyxy_to_xywh(data["boxes"][i]).tolist(),
-                    "predicted_iou": data["iou_preds"][i].item(),
-                    "point_coords": [data["points"][i].tolist()],
-                    "stability_score": data["stability_score"][i].item(),
-                    "crop_box": box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
-                }
-            )
-        return out
+        # Whole columns to Python lists at once (per-record indexing and copies cost ~20 us each).
+        columns = zip(
+            segs, areas, box_xyxy_to_xywh(np.asarray(data["boxes"])).tolist(), data["iou_preds"].tolist(),
+            data["points"].tolist(), data["stability_score"].tolist(),
+            box_xyxy_to_xywh(np.asarray(data["crop_boxes"])).tolist(),
+        )
+        return [
+            {"segmentation": seg, "area": area, "bbox": box, "predicted_iou": iou, "point_coords": [point],
+             "stability_score": stability, "crop_box": crop}
+            for seg, area, box, iou, point, stability, crop in columns
+        ]
 
     def _generate_masks(self, image: np.ndarray, embeddings: Optional[Dict] = None) -> MaskData:
         orig_size = image.shape[:2]
@@ -278,17 +302,16 @@ class SamAutomaticMaskGenerator:
             data.cat(crop_data)
 
         device = self.predictor.device
-        all_crops = torch.tensor(crop_boxes, dtype=torch.int64, device=device)
         if "boxes" not in data:
             data = MaskData(
                 low_res=torch.empty(0), iou_preds=torch.empty(0), stability_score=torch.empty(0),
                 boxes=torch.empty(0, 4, dtype=torch.int64), points=torch.empty(0, 2, dtype=torch.float64),
                 crop_idx=torch.empty(0, dtype=torch.int64),
             )
-        data["crop_boxes"] = all_crops[data["crop_idx"].to(device)]
+        data["crop_boxes"] = torch.tensor(crop_boxes, dtype=torch.int64)[data["crop_idx"]]  # on the host, as crop_idx
         if len(crop_boxes) > 1 and len(data["boxes"]) > 0:
             # Remove duplicates between crops, preferring masks from smaller crops.
-            scores = 1 / box_area(data["crop_boxes"])
+            scores = to_device(1 / box_area(data["crop_boxes"]), device)
             keep = batched_nms(
                 data["boxes"].float(), scores, torch.zeros_like(scores, dtype=torch.int64), self.crop_nms_thresh
             )
@@ -297,13 +320,23 @@ class SamAutomaticMaskGenerator:
         # binary_mask output without small-region cleanup needs no RLE: the masks are copied to
         # the host as they are (decoding RLEs costs ~0.2 ms per mask on the CPU).
         as_masks = self.output_mode == "binary_mask" and self.min_mask_region_area <= 0
-        segs, areas = self._encode(data, crop_boxes, crop_meta, orig_size, as_masks)
-        if as_masks:
-            data["masks"], data["areas"] = segs, areas
-        else:
-            data["rles"] = segs
+        encoded = self._encode(data, crop_boxes, crop_meta, orig_size, as_masks)
         del data["low_res"]
-        data.to_numpy()
+        fields = {k: _host_copy(v) for k, v in data.items() if isinstance(v, torch.Tensor)}
+        if device.type == "cuda":
+            # The one wait for the output: every device-to-host copy queued above and by
+            # _encode (same stream) has landed after it; nothing below reads the GPU.
+            torch.cuda.current_stream(device).synchronize()
+        for k, v in fields.items():
+            data[k] = v.numpy()
+        if as_masks:
+            blocks, areas, order = encoded
+            rows = [m for b in blocks for m in b.numpy()]  # views, in rendering order
+            where = np.empty(len(order), dtype=np.int64)
+            where[order] = np.arange(len(order))  # record -> rendered row
+            data["masks"], data["areas"] = [rows[j] for j in where.tolist()], np.asarray(areas)[where].tolist()
+        else:
+            data["rles"] = encoded
         return data
 
     def _process_crop(self, image, crop_box, layer_idx, orig_size, crop_idx, embedding=None):
@@ -320,8 +353,8 @@ class SamAutomaticMaskGenerator:
         points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
         # Both copies go to the device once per crop; the loop below only slices them.
         device = self.predictor.device
-        points_t = torch.as_tensor(points, device=device)
-        coords_t = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size), device=device)
+        points_t = to_device(points, device)
+        coords_t = to_device(self.predictor.transform.apply_coords(points, crop_size), device)
 
         # Each step queues the decoder on one batch of points, or, once _COMPACT_EVERY candidates
         # are queued or every point is, filters and scores the queued candidates (_score_pending).
@@ -353,7 +386,7 @@ class SamAutomaticMaskGenerator:
         # Remove duplicates within this crop.
         keep = batched_nms(
             data["boxes"].float(), data["iou_preds"],
-            torch.zeros(len(data["boxes"]), dtype=torch.int64), self.box_nms_thresh,
+            torch.zeros(len(data["boxes"]), dtype=torch.int64, device=data["boxes"].device), self.box_nms_thresh,
         )
         data.filter(keep)
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
@@ -401,39 +434,70 @@ class SamAutomaticMaskGenerator:
         )
 
     def _encode(self, data: MaskData, crop_boxes, crop_meta, orig_size, as_masks: bool = False):
-        """Rebuild full-resolution masks of the survivors from low-res logits. Returns (their
-        uncompressed RLEs, None), or with ``as_masks`` (their (H, W) bool arrays, their areas):
-        one device-to-host copy per chunk (into page-locked memory on CUDA) instead of an RLE
-        round trip (1024 masks of 480x640 on the 2-core CPU: 0.13 s instead of 1.3 s). The
-        arrays of a chunk are views of one block, which stays alive while any is referenced."""
+        """Rebuild the survivors' full-resolution masks from their low-res logits (``_render``,
+        compiled with ``postprocess_compile_mode``), crop by crop in chunks of one size.
+        Returns their uncompressed RLEs (in record order), or with ``as_masks`` (blocks, areas,
+        order): (k, H, W) bool host blocks holding the masks of records ``order[0], order[1],
+        ...`` in turn, and their areas in that order.
+
+        On CUDA with ``as_masks`` nothing here waits for the GPU: each chunk is copied with
+        non_blocking=True (on a side stream, overlapping the next chunk's rendering) into one
+        page-locked (n, H, W) block (a blocking copy per chunk would sync) and the areas are
+        counted into one device tensor, copied once; neither may be read before the caller
+        synchronizes the current stream. On the CPU the chunks are used in place and counted
+        with numpy (~10x torch's count); the arrays are views of the blocks (1024 masks of
+        480x640 on the 2-core CPU: 0.13 s instead of 1.3 s for an RLE round trip)."""
         n = len(data["boxes"])
-        out: List[Any] = [None] * n
-        areas: Optional[List[int]] = [0] * n if as_masks else None
+        crop_idx = data["crop_idx"].numpy()
+        order = np.argsort(crop_idx, kind="stable")  # records grouped by crop, in order
         if n == 0:
-            return out, areas
+            return ([], np.zeros(0, np.int64), order) if as_masks else []
         orig_h, orig_w = orig_size
-        crop_idx = data["crop_idx"].cpu().numpy()
-        model = self.predictor.model
-        for ci in np.unique(crop_idx):
-            rows = np.nonzero(crop_idx == ci)[0]
+        model, low_res = self.predictor.model, data["low_res"]
+        on_gpu = as_masks and low_res.is_cuda
+        step = max(1, 3 * self.points_per_batch)
+        if on_gpu:
+            # Chunks of points_per_batch rows: while the GPU renders one, a side stream copies the
+            # previous ones to the host (the copy engine runs beside the kernels). They are staged
+            # in one device block, so that no CUDA-graph replay of _render overwrites a chunk
+            # still being copied.
+            dev, step = low_res.device, max(1, self.points_per_batch)
+            main, copier = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
+            staged = torch.empty((n, orig_h, orig_w), dtype=torch.bool, device=dev)
+            host = torch.empty((n, orig_h, orig_w), dtype=torch.bool, pin_memory=True)
+            areas = torch.empty(n, dtype=torch.int64, device=dev)
+        blocks, counts, rles, start = [], [], [], 0
+        for ci in np.unique(crop_idx).tolist():
+            rows = order[start : start + int(np.count_nonzero(crop_idx == ci))]
             input_size, crop_size = crop_meta[ci]
-            for (idx,) in batch_iterator(max(1, self.points_per_batch * 3), rows):
-                low = data["low_res"][torch.as_tensor(idx, device=data["low_res"].device)]
-                masks = model.postprocess_masks(low.float()[:, None], input_size, crop_size)[:, 0]
-                masks = uncrop_masks(masks > model.mask_threshold, crop_boxes[ci], orig_h, orig_w)
-                if as_masks:
-                    if masks.is_cuda:  # count on the GPU; copy into page-locked memory (~10x pageable)
-                        count = torch.count_nonzero(masks.flatten(1), dim=1)
-                        host = torch.empty(masks.shape, dtype=masks.dtype, pin_memory=True).copy_(masks).numpy()
-                    else:  # numpy's count is ~10x torch's on the CPU
-                        host = masks.numpy()
-                        count = np.count_nonzero(host.reshape(len(host), -1), axis=1)
-                    for j, (i, a) in enumerate(zip(idx.tolist(), count.tolist())):
-                        out[i], areas[i] = host[j], a  # views into one block per chunk
+            # A compiled _render sees one shape: the last chunk is padded with a repeated row.
+            pad = (-len(rows)) % step if self._pad_chunks else 0
+            rows_t = to_device(np.concatenate([rows, rows[-1:].repeat(pad)]), low_res.device)
+            for lo in range(0, len(rows), step):
+                k, at = min(step, len(rows) - lo), start + lo
+                # Outputs are used before the next call (a CUDA-graph replay would overwrite them).
+                masks, count = self._render(model, low_res[rows_t[lo : lo + step]], input_size, crop_size, on_gpu)
+                masks = uncrop_masks(masks[:k], crop_boxes[ci], orig_h, orig_w)
+                if on_gpu:
+                    staged[at : at + k], areas[at : at + k] = masks, count[:k]
+                    copier.wait_stream(main)
+                    with torch.cuda.stream(copier):
+                        host[at : at + k].copy_(staged[at : at + k], non_blocking=True)
+                elif as_masks:
+                    blocks.append(masks)
+                    counts.append(np.count_nonzero(masks.numpy().reshape(k, -1), axis=1))
                 else:
-                    for i, rle in zip(idx.tolist(), mask_to_rle_pytorch(masks)):
-                        out[i] = rle
-        return out, areas
+                    rles += mask_to_rle_pytorch(masks)
+            start += len(rows)
+        if on_gpu:
+            main.wait_stream(copier)  # so the caller's one synchronize of the main stream covers the copies
+            return [host], _host_copy(areas), order
+        if as_masks:
+            return blocks, np.concatenate(counts), order
+        out: List[Any] = [None] * n
+        for i, rle in zip(order.tolist(), rles):
+            out[i] = rle
+        return out
 
     @staticmethod
     def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:

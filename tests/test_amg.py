@@ -340,3 +340,59 @@ def test_compiled_postprocess_gives_the_same_records(models):
         _same_records(fast.generate(other), OrigAMG(orig, **kw).generate(other), "binary_mask")
     with pytest.raises(ValueError, match="compile mode"):
         SamAutomaticMaskGenerator(ours, postprocess_compile_mode="fastest")
+
+
+def test_compiled_rendering_matches_eager(models):
+    """postprocess_compile_mode also renders the survivors (upscale, threshold, area) through a
+    compiled _render_masks on chunks of one padded shape: the masks and areas equal the eager
+    function's bit for bit, and the records the eager generator's."""
+    ours, _ = models
+    img = _blocks(1)
+    kw = dict(BASE, points_per_batch=4, crop_n_layers=0, box_nms_thresh=1.0)  # 108 survivors
+    fast = SamAutomaticMaskGenerator(ours, postprocess_compile_mode="default", **kw)
+    assert fast._render is not amg_mod._render_masks
+    compiled, chunks = fast._render, []
+
+    def checked(model, low_res, input_size, image_size, count):
+        masks, areas = compiled(model, low_res, input_size, image_size, count)
+        want = amg_mod._render_masks(model, low_res, input_size, image_size, count)[0]
+        assert masks.dtype == torch.bool and torch.equal(masks, want)
+        chunks.append((low_res.clone(), input_size, image_size))
+        return masks, areas
+
+    fast._render = checked
+    got = fast.generate(img)
+    _same_records(got, SamAutomaticMaskGenerator(ours, **kw).generate(img), "binary_mask")
+    assert len(got) == 108 and [len(c[0]) for c in chunks] == [12] * 9  # 3 * points_per_batch rows
+    for low_res, input_size, image_size in chunks[:2]:  # with the areas (the CUDA path's)
+        masks, areas = compiled(ours, low_res, input_size, image_size, True)
+        want, want_areas = amg_mod._render_masks(ours, low_res, input_size, image_size, True)
+        assert torch.equal(masks, want) and areas.dtype == torch.int64 and torch.equal(areas, want_areas)
+        assert areas.tolist() == [int(m.sum()) for m in want]
+
+
+def test_to_device_and_filter_on_the_host():
+    """to_device: same values and dtype (non-blocking through pinned memory on CUDA);
+    MaskData.filter moves the index once per device."""
+    for a in (np.arange(5, dtype=np.int64), np.linspace(0, 1, 6).reshape(3, 2), torch.tensor([1.5, 2.5])):
+        t = amg.to_device(a, "cpu")
+        assert t.dtype == torch.as_tensor(a).dtype and torch.equal(t, torch.as_tensor(a))
+    d = amg.MaskData(a=torch.arange(4), b=torch.arange(4) * 2, c=np.arange(4))
+    d.filter(torch.tensor([2, 0]))
+    assert d["a"].tolist() == [2, 0] and d["b"].tolist() == [4, 0] and d["c"].tolist() == [2, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("layers", [0, 1])
+def test_cuda_binary_masks_match_the_original(models, layers):
+    """On CUDA the masks come back through one page-locked block and one synchronize at the
+    end (non-blocking copies): the records equal the original's on the same GPU."""
+    ours, orig = (m.cuda() for m in models)
+    try:
+        img = _blocks(1)
+        kw = dict(BASE, crop_n_layers=layers, box_nms_thresh=0.7 if layers else 1.0)
+        got = SamAutomaticMaskGenerator(ours, **kw).generate(img)
+        _same_records(got, OrigAMG(orig, **kw).generate(img), "binary_mask")
+        assert len(got) >= 5 and all(r["area"] == int(r["segmentation"].sum()) for r in got)
+    finally:
+        ours.cpu(), orig.cpu()

@@ -13,6 +13,16 @@ import torch
 _ALLOWED = (list, np.ndarray, torch.Tensor)
 
 
+def to_device(data, device) -> torch.Tensor:
+    """A host tensor or array on ``device``, without a host sync: onto CUDA through page-locked
+    memory with non_blocking=True (a blocking copy, from pageable memory, waits for all queued
+    GPU work; the caching host allocator keeps the pinned block until the copy has run)."""
+    t = torch.as_tensor(data)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class MaskData:
     """Column store for per-mask data (tensors, arrays or lists) with filter / cat."""
 
@@ -47,12 +57,14 @@ class MaskData:
     def filter(self, keep: torch.Tensor) -> None:
         """Keep rows selected by a bool mask or an index tensor."""
         keep = torch.as_tensor(keep)
-        keep_np = None
+        keep_np, moved = None, {}  # keep copied once per device (each copy can sync)
         for k, v in self._stats.items():
             if v is None:
                 continue
             if isinstance(v, torch.Tensor):
-                self._stats[k] = v[keep.to(v.device)]
+                if v.device not in moved:
+                    moved[v.device] = keep.to(v.device)
+                self._stats[k] = v[moved[v.device]]
             else:
                 if keep_np is None:
                     keep_np = keep.detach().cpu().numpy()
@@ -217,13 +229,11 @@ def generate_crop_boxes(
 
 def uncrop_boxes_xyxy(boxes: torch.Tensor, crop_box: List[int]) -> torch.Tensor:
     x0, y0 = crop_box[0], crop_box[1]
-    offset = torch.tensor([x0, y0, x0, y0], device=boxes.device)
-    return boxes + offset
+    return boxes + to_device(torch.tensor([x0, y0, x0, y0]), boxes.device)
 
 
 def uncrop_points(points: torch.Tensor, crop_box: List[int]) -> torch.Tensor:
-    offset = torch.tensor([crop_box[0], crop_box[1]], device=points.device)
-    return points + offset
+    return points + to_device(torch.tensor([crop_box[0], crop_box[1]]), points.device)
 
 
 def uncrop_masks(masks: torch.Tensor, crop_box: List[int], orig_h: int, orig_w: int) -> torch.Tensor:
@@ -318,16 +328,15 @@ def _nms_keep_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: flo
         h = (torch.minimum(y2[r0:r1, None], y2[None, r0:]) - torch.maximum(y1[r0:r1, None], y1[None, r0:])).clamp_(min=0)
         inter = w.mul_(h)
         iou = inter / (areas[r0:r1, None] + areas[None, r0:] - inter)
-        over = (iou > iou_threshold).cpu().numpy()
+        over = np.triu((iou > iou_threshold).cpu().numpy(), 1)  # row i vs the boxes ranked below it
         tail = removed[r0:]
-        for i in range(r0, r1):
-            if tail[i - r0]:
-                continue
-            kept_sorted.append(i)
-            row = over[i - r0]
-            row[: i - r0 + 1] = False
-            tail |= row
-    keep = torch.as_tensor(kept_sorted, dtype=torch.int64, device=order.device)
+        # Greedy pass over the rows that suppress something (the others change nothing): a row
+        # still standing when reached is kept and removes the boxes it overlaps.
+        for i in np.flatnonzero(over.any(1)).tolist():
+            if not tail[i]:
+                tail |= over[i]
+        kept_sorted.append(r0 + np.flatnonzero(~removed[r0:r1]))
+    keep = to_device(np.concatenate(kept_sorted).astype(np.int64), order.device)
     return order[keep]
 
 
@@ -357,5 +366,5 @@ def batched_nms(
             keep_mask[cur[nms(boxes[cur], scores[cur], iou_threshold)]] = True
         kept = torch.where(keep_mask)[0]
         return kept[scores[kept].sort(descending=True)[1]]
-    offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
+    offsets = idxs.to(boxes) * (boxes.max() + 1)  # a Python 1: no host-to-device copy
     return nms(boxes + offsets[:, None], scores, iou_threshold)

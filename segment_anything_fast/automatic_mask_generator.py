@@ -243,7 +243,7 @@ class SamAutomaticMaskGenerator:
         for c in crops:
             if model.image_format != "RGB":
                 c = c[..., ::-1]
-            t = torch.as_tensor(pred.transform.apply_image(c), device=pred.device).permute(2, 0, 1)[None]
+            t = pred.transform.apply_image_to(c, pred.device)[None]
             sizes.append((tuple(t.shape[-2:]), c.shape[:2]))
             inputs.append(model.preprocess(t.float()))
         x = torch.cat(inputs).to(module_dtype(model.image_encoder))

@@ -48,9 +48,7 @@ class SamPredictor:
         validation.check_image(image, image_format, self.transform.target_length)
         if image_format != self.model.image_format:
             image = image[..., ::-1]
-        resized = self.transform.apply_image(image)
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        self._set_torch_image(tensor, image.shape[:2])
+        self._set_torch_image(self.transform.apply_image_to(image, self.device)[None], image.shape[:2])
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:

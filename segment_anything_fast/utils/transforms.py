@@ -35,6 +35,25 @@ class ResizeLongestSide:
         pil = Image.fromarray(np.ascontiguousarray(image))
         return np.array(pil.resize((new_w, new_h), Image.BILINEAR))
 
+    def apply_image_to(self, image: np.ndarray, device) -> torch.Tensor:
+        """``apply_image`` of an HxWx3 uint8 image as a (3, H', W') uint8 tensor on ``device``.
+
+        On CUDA an image that grows (or keeps its size) is uploaded as it is, without blocking,
+        and resized there with PIL's arithmetic (``gpu_resize``: the same pixels as
+        ``apply_image``), so the host does not spend the resize while the GPU waits. Images that
+        shrink are resized by PIL on the host (Pillow picks the order of its two passes for
+        those by rules we do not reproduce)."""
+        from ..gpu_resize import resize_uint8
+        from .amg import to_device
+
+        new_h, new_w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+        on_gpu = torch.device(device).type == "cuda" and image.dtype == np.uint8 and image.ndim == 3
+        if on_gpu and new_h >= image.shape[0] and new_w >= image.shape[1]:
+            resized = resize_uint8(to_device(np.ascontiguousarray(image), device), (new_h, new_w))
+        else:
+            resized = to_device(self.apply_image(image), device)
+        return resized.permute(2, 0, 1).contiguous()
+
     def _scale(self, original_size: Tuple[int, ...]) -> Tuple[float, float]:
         old_h, old_w = original_size
         new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)

@@ -129,7 +129,8 @@ class SamPredictor:
         point_coords BxNx2 and point_labels BxN (1 fg, 0 bg, -1 padding), boxes Bx4 XYXY,
         mask_input Bx1x256x256 (transform coords/boxes with ``transform.apply_*_torch``).
         Returns masks BxCxHxW (bool, or float32 logits), scores BxC and low-res logits
-        BxCx256x256 (float32).
+        BxCx256x256 (float32). Prompt values (NaN, labels, box order) are checked only for CPU
+        tensors: on a GPU each check would be a host sync waiting for the image encoder.
         """
         if not self.is_image_set:
             raise RuntimeError(_NOT_SET)

@@ -40,9 +40,22 @@ def test_enable_persistent_caches(tmp_path, monkeypatch):
 
     for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)  # restored after the test
-    for name in ("fx_graph_cache", "autotune_local_cache", "bundle_triton_into_fx_graph_cache"):
-        monkeypatch.setattr(inductor_config, name, False)
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
+    # Saved and restored by hand: monkeypatch's undo deletes config entries it did not find in
+    # the module's __dict__, and torch's config modules then hide them from later readers.
+    settings = [(inductor_config, n) for n in ("fx_graph_cache", "autotune_local_cache",
+                                               "bundle_triton_into_fx_graph_cache")]
+    settings.append((functorch_config, "enable_autograd_cache"))
+    saved = [getattr(mod, n) for mod, n in settings]
+    try:
+        for mod, n in settings:
+            setattr(mod, n, False)
+        _check_enable_persistent_caches(tmp_path, inductor_config, functorch_config)
+    finally:
+        for (mod, n), v in zip(settings, saved):
+            setattr(mod, n, v)
+
+
+def _check_enable_persistent_caches(tmp_path, inductor_config, functorch_config):
     paths = aot.enable_persistent_caches(tmp_path / "c")
     assert paths["inductor"] == str(tmp_path / "c" / "inductor") and os.path.isdir(paths["triton"])
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == paths["inductor"]

@@ -231,12 +231,17 @@ def iou(a, b):
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
 
 
+def point_prompts(pred, image, coords_np):
+    """(coords Px1x2, labels Px1) on the GPU: one foreground point per prompt, in ``pred``'s input frame."""
+    coords = pred.transform.apply_coords(coords_np, image.shape[:2])
+    c = torch.as_tensor(coords, dtype=torch.float, device="cuda")[:, None, :]
+    return c, torch.ones(c.shape[0], 1, dtype=torch.int, device="cuda")
+
+
 def predictor_e2e(sam, predictor_cls, image, coords_np, iters=10):
     """Median seconds of set_image + predict_torch for 64 single-point prompts; masks."""
     pred = predictor_cls(sam)
-    coords = pred.transform.apply_coords(coords_np, image.shape[:2])
-    c = torch.as_tensor(coords, dtype=torch.float, device="cuda")[:, None, :]
-    lab = torch.ones(c.shape[0], 1, dtype=torch.int, device="cuda")
+    c, lab = point_prompts(pred, image, coords_np)
     times, masks = [], None
     for i in range(iters + 2):
         torch.cuda.synchronize()
@@ -443,9 +448,7 @@ def main():
             ious = iou(m_ours, m_orig)
             if args.profile:
                 pred = SamPredictor(sam)
-                c = torch.as_tensor(pred.transform.apply_coords(coords, image.shape[:2]),
-                                    dtype=torch.float, device="cuda")[:, None, :]
-                lab = torch.ones(c.shape[0], 1, dtype=torch.int, device="cuda")
+                c, lab = point_prompts(pred, image, coords)
 
                 def e2e():
                     pred.set_image(image)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import validation
+from .modeling.sam import _masks_from_logits
 from .predictor import SamPredictor, module_dtype
 from .utils.amg import (
     MaskData,
@@ -73,7 +74,7 @@ def _render_masks(model, low_res: torch.Tensor, input_size, image_size, count: b
     when ``count`` (else None). Compiled, the image-resolution float logits are thresholded and
     counted as they are computed, never written out (inductor still materializes the first,
     model-input-sized upscale)."""
-    masks = model.postprocess_masks(low_res.float()[:, None], input_size, image_size)[:, 0] > model.mask_threshold
+    masks = _masks_from_logits(model, low_res[:, None], input_size, image_size, False)[:, 0]
     return masks, (masks.flatten(1).sum(1) if count else None)
 
 

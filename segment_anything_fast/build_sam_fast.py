@@ -113,13 +113,12 @@ def build_sam_fast(
         decoder_attention = "triton" if dev.type == "cuda" and _decoder_triton_ok(sam) else "sdpa"
     if decoder_attention == "triton" and dev.type != "cuda":
         raise ValueError("decoder_attention='triton' needs device='cuda'; use 'sdpa' on the CPU.")
-    post = postprocess_compile_mode
     if compiled_package is not None:
         from .aot import attach_compiled_package
 
         make_fast(sam, dtype=dtype, attention=attention, upscaling=upscaling,
                   decoder_attention=decoder_attention, compile_mode=None, decoder_mode=None,
-                  postprocess_mode=post)
+                  postprocess_mode=postprocess_compile_mode)
         return attach_compiled_package(sam, compiled_package, batch_size=batch_size, cache_dir=cache_dir)
     return make_fast(
         sam,
@@ -133,7 +132,7 @@ def build_sam_fast(
         regional=regional,
         decoder_mode=decoder_compile_mode,
         decoder_buckets=decoder_buckets,
-        postprocess_mode=post,
+        postprocess_mode=postprocess_compile_mode,
     )
 
 

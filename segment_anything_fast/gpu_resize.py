@@ -15,6 +15,8 @@ from typing import Tuple
 import numpy as np
 import torch
 
+from .utils.amg import to_device
+
 _PRECISION_BITS = 32 - 8 - 2  # PIL's fixed-point precision for 8-bit images
 
 
@@ -50,8 +52,9 @@ def _resample(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
     in_size = x.shape[dim]
     first, weights = _coefficients(in_size, out_size)
     taps = weights.shape[1]
-    idx = torch.as_tensor(np.minimum(first[:, None] + np.arange(taps)[None, :], in_size - 1), device=x.device)
-    w = torch.as_tensor(weights, dtype=torch.int32, device=x.device)
+    # uploaded without blocking: a pageable copy would wait for all GPU work queued before it
+    idx = to_device(np.minimum(first[:, None] + np.arange(taps)[None, :], in_size - 1), x.device)
+    w = to_device(weights.astype(np.int32), x.device)
     g = x.index_select(dim, idx.flatten()).to(torch.int32)  # taps gathered next to each other
     shape = list(x.shape)
     shape[dim : dim + 1] = [out_size, taps]

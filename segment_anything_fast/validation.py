@@ -275,15 +275,15 @@ def check_prompts_torch(
             )
         if point_labels.dtype == torch.bool:
             raise ValueError(f"point_labels must be integers, got dtype {point_labels.dtype}.")
-        on_cpu = point_labels.device.type == "cpu"
-        if on_cpu and point_labels.is_floating_point() and not bool((point_labels == point_labels.round()).all()):
-            raise ValueError(f"point_labels must be integers, got dtype {point_labels.dtype}.")
-        bad = ~((point_labels == 0) | (point_labels == 1) | (point_labels == -1)) if on_cpu else None
-        if on_cpu and bool(bad.any()):
-            raise ValueError(
-                "point_labels must be 1 (foreground), 0 (background) or -1 (padding, ignored), got "
-                f"{sorted(set(point_labels[bad].tolist()))}."
-            )
+        if point_labels.device.type == "cpu":
+            if point_labels.is_floating_point() and not bool((point_labels == point_labels.round()).all()):
+                raise ValueError(f"point_labels must be integers, got dtype {point_labels.dtype}.")
+            bad = ~((point_labels == 0) | (point_labels == 1) | (point_labels == -1))
+            if bool(bad.any()):
+                raise ValueError(
+                    "point_labels must be 1 (foreground), 0 (background) or -1 (padding, ignored), got "
+                    f"{sorted(set(point_labels[bad].tolist()))}."
+                )
     if boxes is not None:
         tensor(boxes, "boxes")
         if boxes.ndim != 2 or boxes.shape[1] != 4:

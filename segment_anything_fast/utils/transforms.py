@@ -49,7 +49,9 @@ class ResizeLongestSide:
         new_h, new_w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
         on_gpu = torch.device(device).type == "cuda" and image.dtype == np.uint8 and image.ndim == 3
         if on_gpu and new_h >= image.shape[0] and new_w >= image.shape[1]:
-            resized = resize_uint8(to_device(np.ascontiguousarray(image), device), (new_h, new_w))
+            resized = to_device(np.ascontiguousarray(image), device)
+            if (new_h, new_w) != image.shape[:2]:
+                resized = resize_uint8(resized, (new_h, new_w))
         else:
             resized = to_device(self.apply_image(image), device)
         return resized.permute(2, 0, 1).contiguous()

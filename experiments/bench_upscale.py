@@ -21,9 +21,14 @@ from segment_anything_fast.fused_upscale import fused_upscale_masks  # noqa: E40
 from segment_anything_fast.modeling.mask_decoder import MaskDecoder  # noqa: E402
 from segment_anything_fast.modeling.transformer import TwoWayTransformer  # noqa: E402
 
-# launch configs of the fused kernel (keys: fused_upscale.DEFAULT_CONFIG); the first is the default.
+# launch configs of the fused kernel (keys: fused_upscale.DEFAULT_CONFIG), each flag spelled out
+# (off unless named, ROUND on) so the names stay valid whatever the default is.
 # BLOCK 32/64 divides SAM's 64-wide grid, so ROW_STORE writes one contiguous run per output row
-_C = lambda b=64, w=4, s=2, **kw: dict(BLOCK=b, num_warps=w, num_stages=s, **kw)  # noqa: E731
+def _C(b=64, w=4, s=2, ROUND=True, ROW_STORE=False, WIDE=False, HOIST_W=False, BLOCKS_PER_PROG=1):
+    return dict(BLOCK=b, num_warps=w, num_stages=s, ROUND=ROUND, ROW_STORE=ROW_STORE, WIDE=WIDE,
+                HOIST_W=HOIST_W, BLOCKS_PER_PROG=BLOCKS_PER_PROG)
+
+
 CONFIGS = [
     _C(), _C(128, 8), _C(s=3), _C(ROUND=False),
     _C(ROW_STORE=True), _C(w=8, ROW_STORE=True), _C(ROW_STORE=True, HOIST_W=True),
@@ -32,6 +37,7 @@ CONFIGS = [
     _C(32, WIDE=True, ROW_STORE=True), _C(128, 8, WIDE=True, ROW_STORE=True),
     _C(WIDE=True, ROW_STORE=True, HOIST_W=True), _C(WIDE=True, ROW_STORE=True, ROUND=False),
     _C(WIDE=True, ROW_STORE=True, HOIST_W=True, BLOCKS_PER_PROG=4),
+    _C(128, 8, WIDE=True, ROW_STORE=True, ROUND=False),
 ]
 _FLAGS = dict(ROUND=("", "R0"), ROW_STORE=("RS", ""), WIDE=("WIDE", ""), HOIST_W=("HW", ""))
 

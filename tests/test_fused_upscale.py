@@ -44,6 +44,7 @@ _CHILD = textwrap.dedent(
     # row stores take the one-run-per-row (ALIGNED) path there and the masked path elsewhere
     variants = [
         None,  # the custom op with the default config
+        dict(ROUND=True, ROW_STORE=False, WIDE=False),  # the plain variant, rounding like the modules
         dict(ROW_STORE=True),
         dict(ROW_STORE=True, HOIST_W=True, BLOCK=8),
         dict(WIDE=True),

@@ -280,6 +280,8 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--fid-images", type=int, default=4)
     ap.add_argument("--predictor", action="store_true", help="also time set_image + 64 points")
+    ap.add_argument("--ours-postprocess", nargs="+", default=["torch", "triton"], choices=["torch", "triton"],
+                    help="mask post-processing(s) of ours timed in the predictor row (set_postprocess)")
     ap.add_argument("--profile", action="store_true", help="print ours' top GPU kernels (CUDA only)")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="skip measurements that would start after this many seconds")
@@ -424,7 +426,7 @@ def main():
     if args.predictor and time.time() - T0 < args.budget_s:
         from segment_anything import SamPredictor as OrigPredictor
         from segment_anything_fast.build_sam import build_sam
-        from segment_anything_fast.compile import make_fast
+        from segment_anything_fast.compile import make_fast, set_postprocess
         from segment_anything_fast.predictor import SamPredictor
 
         rng = np.random.default_rng(0)
@@ -442,28 +444,30 @@ def main():
             make_fast(sam, dtype=torch.bfloat16, attention=args.ours_attention,
                       compile_mode=args.ours_mode, batch_size=1, regional=args.ours_regional,
                       decoder_mode="reduce-overhead", decoder_buckets=(64,), upscaling="triton",
-                      decoder_attention="triton", postprocess_mode="default")
-            t = time.time()
-            t_ours, m_ours = predictor_e2e(sam, SamPredictor, image, coords)
-            ious = iou(m_ours, m_orig)
-            if args.profile:
-                pred = SamPredictor(sam)
-                c, lab = point_prompts(pred, image, coords)
+                      decoder_attention="triton")
+            for post in args.ours_postprocess:  # same compiled model, each post-processing
+                set_postprocess(sam, post, "default")
+                t = time.time()
+                t_ours, m_ours = predictor_e2e(sam, SamPredictor, image, coords)
+                ious = iou(m_ours, m_orig)
+                if args.profile:
+                    pred = SamPredictor(sam)
+                    c, lab = point_prompts(pred, image, coords)
 
-                def e2e():
-                    pred.set_image(image)
-                    pred.predict_torch(c, lab, multimask_output=True)
+                    def e2e():
+                        pred.set_image(image)
+                        pred.predict_torch(c, lab, multimask_output=True)
 
-                with open(stem + "_predictor_profile.txt", "w") as f:
-                    f.write(profile(e2e, "ours predictor e2e", cpu=True) + "\n")
-            rows.append(dict(model=args.model, impl="predictor_e2e", mode=args.ours_mode, batch=1,
-                             status="ok", orig_fp32_s=t_orig, ours_s=t_ours,
-                             speedup=t_orig / t_ours, mask_iou_min=ious.min().item(),
-                             mask_iou_mean=ious.mean().item(), first_and_timed_s=time.time() - t))
-            save()
-            log(f"predictor e2e (set_image + 64 points): original fp32 {t_orig * 1000:.1f} ms, "
-                f"ours {t_ours * 1000:.1f} ms, x{t_orig / t_ours:.1f}, mask IoU min "
-                f"{ious.min().item():.4f} mean {ious.mean().item():.4f}")
+                    with open(stem + f"_predictor_{post}_profile.txt", "w") as f:
+                        f.write(profile(e2e, f"ours predictor e2e (postprocess {post})", cpu=True) + "\n")
+                rows.append(dict(model=args.model, impl="predictor_e2e", mode=args.ours_mode, batch=1,
+                                 postprocess=post, status="ok", orig_fp32_s=t_orig, ours_s=t_ours,
+                                 speedup=t_orig / t_ours, mask_iou_min=ious.min().item(),
+                                 mask_iou_mean=ious.mean().item(), first_and_timed_s=time.time() - t))
+                save()
+                log(f"predictor e2e (set_image + 64 points, postprocess {post}): original fp32 "
+                    f"{t_orig * 1000:.1f} ms, ours {t_ours * 1000:.1f} ms, x{t_orig / t_ours:.1f}, "
+                    f"mask IoU min {ious.min().item():.4f} mean {ious.mean().item():.4f}")
         except Exception as e:
             rows.append(dict(model=args.model, impl="predictor_e2e", status=f"error: {e!r}"[:300]))
             save()
@@ -480,7 +484,7 @@ def main():
             print(f"{r['model']:6s} {r['impl']:10s} {str(r['mode']):28s} {r['batch']:5d} {r['status']}")
     for r in rows:
         if r["impl"] == "predictor_e2e" and r["status"] == "ok":
-            print(f"predictor e2e: orig fp32 {r['orig_fp32_s']*1e3:.1f} ms, ours {r['ours_s']*1e3:.1f} ms "
+            print(f"predictor e2e ({r['postprocess']}): orig fp32 {r['orig_fp32_s']*1e3:.1f} ms, ours {r['ours_s']*1e3:.1f} ms "
                   f"(x{r['speedup']:.1f}), mask IoU min {r['mask_iou_min']:.4f}")
     best = {(r["impl"], r["mode"], r["batch"]): r["img_per_s"]
             for r in rows if r.get("status") == "ok" and "img_per_s" in r}

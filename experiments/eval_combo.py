@@ -46,7 +46,7 @@ from segment_anything_fast.data.coco_prompts import (  # noqa: E402
     CenterPointCache, CocoPointPromptDataset, collate_list, load_coco, mask_iou,
     select_annotations,
 )
-from segment_anything_fast.compile import DEFAULT_DECODER_BUCKETS, compile_function  # noqa: E402
+from segment_anything_fast.compile import DEFAULT_DECODER_BUCKETS, POSTPROCESS_BACKENDS, compile_function  # noqa: E402
 from segment_anything_fast.validation import check_checkpoint_arg, check_output_path  # noqa: E402
 from segment_anything_fast.distributed import (  # noqa: E402
     DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, print_failure,
@@ -59,7 +59,7 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 PROMPT_BATCHING = ("nested", "padded", "none")
 CSV_FIELDS = (
     "timestamp", "model_type", "checkpoint", "device", "dtype", "compile", "attention",
-    "upscaling", "decoder_attention", "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
+    "upscaling", "decoder_attention", "postprocess", "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
     "n_annotations", "n_skipped_images", "warmup_batches", "timed_images", "miou",
     "img_per_s_model", "img_per_s_end_to_end", "img_per_s_encoder_only", "end_to_end_vs_encoder",
     "peak_gpu_memory_mib", "gpu_name",
@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask-decoder attention: sdpa (scaled_dot_product_attention) or triton "
                         "(segment_anything_fast.decoder_attention: one kernel with tiles sized to "
                         "the prompt tokens, CUDA only; default sdpa)")
+    m.add_argument("--postprocess", default="torch",
+                   help="the best masks' upscale + threshold: torch (the ops of Sam.postprocess_masks; "
+                        "compiled with any --compile) or triton (segment_anything_fast.fused_postprocess: "
+                        "one kernel from low-res logits to full-resolution masks, CUDA only; default torch)")
     m.add_argument("--prompt-batching", default="padded",
                    help="how the decoder sees the prompts of a batch. "
                         "padded: encoder on the whole batch, then one decoder call per image with "
@@ -204,6 +208,10 @@ def validate_args(args, parser) -> None:
         bad("--decoder-attention", args.decoder_attention, ("sdpa", "triton"))
     if args.decoder_attention == "triton" and args.device != "cuda":
         parser.error("--decoder-attention triton needs --device cuda; use --decoder-attention sdpa on the CPU.")
+    if args.postprocess not in POSTPROCESS_BACKENDS:
+        bad("--postprocess", args.postprocess, POSTPROCESS_BACKENDS)
+    if args.postprocess == "triton" and args.device != "cuda":
+        parser.error("--postprocess triton needs --device cuda; use --postprocess torch on the CPU.")
     if args.prompt_batching not in PROMPT_BATCHING:
         bad("--prompt-batching", args.prompt_batching, PROMPT_BATCHING)
     if args.compress not in compress_modes():
@@ -246,7 +254,7 @@ def build_model(args, verbose: bool = True):
     """Build, move, cast, compress and compile the model as the flags say."""
     from segment_anything_fast.build_sam import build_sam
     from segment_anything_fast.compile import (cast_model, compile_image_encoder, compile_mask_decoder,
-                                               compile_postprocess)
+                                               set_postprocess)
 
     if args.checkpoint is None and verbose:
         print("NOTE: no --checkpoint given: the model has RANDOM weights; the mIoU below is "
@@ -273,8 +281,8 @@ def build_model(args, verbose: bool = True):
         # one graph per bucket, all compiled before the timing by warm_up_decoders).
         packed = compile_function(decode_packed, dec_mode, dynamic=False)
         sam._packed_decoder = _graph_steps(packed) if dec_mode == "reduce-overhead" else packed
-        # upscale + threshold of the best masks in one kernel per image size (dynamic shapes)
-        compile_postprocess(sam, "default")
+    # the best masks' upscale + threshold: one kernel per image size when compiled (dynamic shapes)
+    set_postprocess(sam, args.postprocess, "default" if args.compile != "none" else None)
     return sam
 
 
@@ -707,7 +715,7 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
         "checkpoint": args.checkpoint or f"random-init(seed={args.seed})",
         "device": str(device), "dtype": args.dtype, "compile": args.compile,
         "attention": args.attention, "upscaling": args.upscaling,
-        "decoder_attention": args.decoder_attention,
+        "decoder_attention": args.decoder_attention, "postprocess": args.postprocess,
         "prompt_batching": args.prompt_batching,
         "compress": args.compress, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "limit": args.limit if args.limit is not None else "",

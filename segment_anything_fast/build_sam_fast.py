@@ -10,7 +10,7 @@ import torch
 
 from .attention import check_backend
 from .build_sam import SamConfig, build_sam, demo_weights
-from .compile import DEFAULT_DECODER_BUCKETS, make_fast
+from .compile import DEFAULT_DECODER_BUCKETS, POSTPROCESS_BACKENDS, make_fast
 
 
 def _resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -47,6 +47,7 @@ def build_sam_fast(
     decoder_compile_mode: Optional[str] = "max-autotune-no-cudagraphs",
     decoder_buckets: Sequence[int] = DEFAULT_DECODER_BUCKETS,
     postprocess_compile_mode: Optional[str] = "default",
+    postprocess: str = "torch",
     compress: str = "none",
     compiled_package: Optional[Union[str, os.PathLike]] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
@@ -78,7 +79,10 @@ def build_sam_fast(
         decoder_buckets: prompt counts the decoder is compiled for (inputs padded up to one).
         postprocess_compile_mode: torch.compile mode of the predictor's mask post-processing
             (``compile.compile_postprocess``: upscale + threshold in one kernel, compiled at the
-            first prediction), or None for eager.
+            first prediction), or None for eager; used with ``postprocess="torch"``.
+        postprocess: the mask post-processing: "torch" (the modules' ops, compiled as above)
+            or "triton" (``fused_postprocess``: one kernel from low-res logits to full-resolution
+            masks, CUDA only). "torch" is the default until the kernel is timed on a GPU.
         compress: image-encoder compression mode of ``quantize.COMPRESS_MODES`` (applied after
             the cast, before compiling).
         compiled_package: an AOTInductor ``.pt2`` made by ``scripts/export_package.py`` for
@@ -111,6 +115,10 @@ def build_sam_fast(
     sam.to(dev)
     if decoder_attention is None:
         decoder_attention = "triton" if dev.type == "cuda" and _decoder_triton_ok(sam) else "sdpa"
+    if postprocess not in POSTPROCESS_BACKENDS:
+        raise ValueError(f"postprocess must be one of {POSTPROCESS_BACKENDS}, got {postprocess!r}.")
+    if postprocess == "triton" and dev.type != "cuda":
+        raise ValueError("postprocess='triton' needs device='cuda'; use 'torch' on the CPU.")
     if decoder_attention == "triton" and dev.type != "cuda":
         raise ValueError("decoder_attention='triton' needs device='cuda'; use 'sdpa' on the CPU.")
     if compiled_package is not None:
@@ -118,7 +126,7 @@ def build_sam_fast(
 
         make_fast(sam, dtype=dtype, attention=attention, upscaling=upscaling,
                   decoder_attention=decoder_attention, compile_mode=None, decoder_mode=None,
-                  postprocess_mode=postprocess_compile_mode)
+                  postprocess_mode=postprocess_compile_mode, postprocess=postprocess)
         return attach_compiled_package(sam, compiled_package, batch_size=batch_size, cache_dir=cache_dir)
     return make_fast(
         sam,
@@ -133,6 +141,7 @@ def build_sam_fast(
         decoder_mode=decoder_compile_mode,
         decoder_buckets=decoder_buckets,
         postprocess_mode=postprocess_compile_mode,
+        postprocess=postprocess,
     )
 
 

@@ -62,6 +62,28 @@ def compile_postprocess(sam: nn.Module, mode: str = "default", backend: str = "i
     return sam
 
 
+POSTPROCESS_BACKENDS = ("torch", "triton")
+
+
+def set_postprocess(sam: nn.Module, backend: str, compile_mode: Optional[str] = None) -> nn.Module:
+    """How ``sam.masks_from_logits`` runs: ``"torch"`` (``Sam.postprocess_masks`` + threshold,
+    compiled with ``compile_mode`` unless None) or ``"triton"`` (``fused_postprocess``: one
+    kernel from low-res logits to full-resolution masks, CUDA only; ``compile_mode`` unused)."""
+    if backend not in POSTPROCESS_BACKENDS:
+        raise ValueError(f"postprocess must be one of {POSTPROCESS_BACKENDS}, got {backend!r}.")
+    if backend == "triton":
+        from .fused_postprocess import masks_from_logits
+
+        sam._masks_fn = masks_from_logits
+    elif compile_mode is not None:
+        compile_postprocess(sam, compile_mode)
+    else:
+        from .modeling.sam import _masks_from_logits
+
+        sam._masks_fn = _masks_from_logits
+    return sam
+
+
 def cast_model(sam: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Cast the three sub-networks to ``dtype`` in place (pixel mean/std stay float32)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -267,12 +289,13 @@ def make_fast(
     upscaling: Optional[str] = None,
     decoder_attention: Optional[str] = None,
     postprocess_mode: Optional[str] = None,
+    postprocess: str = "torch",
 ) -> nn.Module:
     """Apply :func:`cast_model`, :func:`set_attention_backend`, the decoder's ``upscaling``
     ("conv" or "triton", ``MaskDecoder.set_upscaling``) and ``decoder_attention`` ("sdpa" or
     "triton", ``TwoWayTransformer.set_attention``), ``quantize.compress`` and the two compiles
-    in place, in that order; ``postprocess_mode`` compiles the predictor's mask
-    post-processing (:func:`compile_postprocess`).
+    in place, in that order; ``postprocess`` ("torch" or "triton") and ``postprocess_mode``
+    set the predictor's mask post-processing (:func:`set_postprocess`).
 
     ``None`` for ``dtype``/``attention``/``upscaling``/``decoder_attention``/``compile_mode``/``decoder_mode`` (and
     ``"none"`` for ``compress``) skips that step.
@@ -297,6 +320,6 @@ def make_fast(
         sam.mask_decoder = compile_mask_decoder(
             sam.mask_decoder, mode=decoder_mode, buckets=decoder_buckets
         )
-    if postprocess_mode is not None:
-        compile_postprocess(sam, postprocess_mode)
+    if postprocess != "torch" or postprocess_mode is not None:
+        set_postprocess(sam, postprocess, postprocess_mode)
     return sam.eval()

@@ -232,7 +232,8 @@ def test_bad_annotations_and_flags(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     for flag, value in [("--prompt-batching", "ragged"), ("--compile", "fast"),
                         ("--attention", "nope"), ("--dtype", "fp16"), ("--model-type", "vit_x"),
-                        ("--compress", "int3"), ("--decoder-attention", "flash")]:
+                        ("--compress", "int3"), ("--decoder-attention", "flash"),
+                        ("--postprocess", "fused")]:
         with pytest.raises(SystemExit) as e:
             ec.main(_args(root, tmp_path, flag, value))
         assert e.value.code == 2
@@ -256,7 +257,7 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--coco-root", "--annotations", "--limit", "--batch-size", "--model-type",
                  "--checkpoint", "--device", "--dtype", "--compile", "--attention",
                  "--prompt-batching", "--compress", "--num-workers", "--output", "--config-json",
-                 "--encoder-iters", "--profile"):
+                 "--encoder-iters", "--profile", "--postprocess"):
         assert flag in out
     assert "not torch.nested" in out
 

@@ -1,0 +1,112 @@
+"""Mask post-processing ``postprocess="triton"``: low-res logits to full-resolution masks in one kernel.
+
+``Sam.postprocess_masks`` upscales (N, h, w) logits bilinearly to the model's input size, crops
+the padding and, when the image was resized, resizes bilinearly again to the original size;
+the predictor then thresholds. torch.compile fuses this only partly (on the H200 it writes the
+first upscale as a float32 tensor, 600 MB for 64 prompts x 3 masks of a 768x1024 image, then
+reads it back to threshold). Here every output pixel is computed from the low-res logits
+directly (the 2 x 2 low-res neighbours of each of its 2 x 2 intermediate neighbours, in
+float32, with PyTorch's source-index and weight formulas), and only the bool masks (or the
+float32 logits) are written. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+"""
+import os
+from typing import Tuple
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .triton_env import use_torch_ptxas
+
+
+@triton.jit
+def _source(d, scale, n_in):
+    """PyTorch's bilinear source of output index ``d`` (align_corners=False): the two input
+    neighbours and their weights."""
+    src = tl.maximum(scale * (d.to(tl.float32) + 0.5) - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), n_in - 1)  # src >= 0: truncation is floor
+    i1 = tl.minimum(i0 + 1, n_in - 1)
+    l1 = src - i0.to(tl.float32)
+    return i0, i1, 1.0 - l1, l1
+
+
+@triton.jit
+def _upscaled(X, r, c, sh, sw, H, W, s_h, s_w, m):
+    """The first upscale at rows ``r``, columns ``c`` of the (padded) input frame, float32."""
+    r0, r1, a0, a1 = _source(r, sh, H)
+    c0, c1, b0, b1 = _source(c, sw, W)
+    v00 = tl.load(X + r0 * s_h + c0 * s_w, mask=m, other=0.0).to(tl.float32)
+    v01 = tl.load(X + r0 * s_h + c1 * s_w, mask=m, other=0.0).to(tl.float32)
+    v10 = tl.load(X + r1 * s_h + c0 * s_w, mask=m, other=0.0).to(tl.float32)
+    v11 = tl.load(X + r1 * s_h + c1 * s_w, mask=m, other=0.0).to(tl.float32)
+    return a0 * (b0 * v00 + b1 * v01) + a1 * (b0 * v10 + b1 * v11)
+
+
+@triton.jit
+def _postprocess_fwd(X, O, s_xn, s_xh, s_xw, H, W, IH, IW, OH, OW, sh1, sw1, sh2, sw2, thr,
+                     RESIZE: tl.constexpr, LOGITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (i, n): output pixels i * BLOCK ... of mask n (row-major (OH, OW))."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n = tl.program_id(1).to(tl.int64)
+    m = offs < OH * OW
+    y = offs // OW
+    x = offs % OW
+    X = X + n * s_xn
+    if RESIZE:  # second bilinear resize, from the (IH, IW) crop to (OH, OW)
+        y0, y1, a0, a1 = _source(y, sh2, IH)
+        x0, x1, b0, b1 = _source(x, sw2, IW)
+        v = (a0 * (b0 * _upscaled(X, y0, x0, sh1, sw1, H, W, s_xh, s_xw, m)
+                   + b1 * _upscaled(X, y0, x1, sh1, sw1, H, W, s_xh, s_xw, m))
+             + a1 * (b0 * _upscaled(X, y1, x0, sh1, sw1, H, W, s_xh, s_xw, m)
+                     + b1 * _upscaled(X, y1, x1, sh1, sw1, H, W, s_xh, s_xw, m)))
+    else:
+        v = _upscaled(X, y, x, sh1, sw1, H, W, s_xh, s_xw, m)
+    out = v if LOGITS else v > thr
+    tl.store(O + n * OH * OW + offs, out, mask=m)
+
+
+def _scale(n_in: int, n_out: int) -> float:
+    """PyTorch's float32 source/destination scale for an output *size* (``float(in) / out``)."""
+    return float(np.float32(n_in) / np.float32(n_out))
+
+
+def masks_from_logits(sam, low_res: torch.Tensor, input_size: Tuple[int, ...],
+                      original_size: Tuple[int, ...], return_logits: bool = False) -> torch.Tensor:
+    """``sam.postprocess_masks(low_res, input_size, original_size)``, thresholded at
+    ``sam.mask_threshold`` unless ``return_logits`` (float32 logits then), in one kernel.
+    ``low_res``: (..., h, w) logits of any float dtype; returns (..., H, W) of ``original_size``."""
+    if low_res.dim() < 2 or not low_res.dtype.is_floating_point:
+        raise ValueError(f"masks_from_logits: expected (..., h, w) float logits, got "
+                         f"{tuple(low_res.shape)} {low_res.dtype}.")
+    size = sam.image_encoder.img_size
+    h, w = low_res.shape[-2], low_res.shape[-1]
+    ih, iw = int(input_size[0]), int(input_size[1])
+    oh, ow = int(original_size[0]), int(original_size[1])
+    if not (0 < ih <= size and 0 < iw <= size and oh > 0 and ow > 0):
+        raise ValueError(f"masks_from_logits: input_size {tuple(input_size)} must lie within the "
+                         f"model's {size}x{size} input and original_size {tuple(original_size)} be positive.")
+    if not (low_res.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        raise RuntimeError(
+            "postprocess='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); use "
+            "postprocess='torch' on the CPU."
+        )
+    use_torch_ptxas()
+    if size % h == 0 and size % w == 0 and size // h == size // w:
+        # an integer scale: postprocess_masks passes scale_factor, PyTorch then uses 1 / s
+        sh1 = sw1 = float(np.float32(1.0 / (size // h)))
+    else:
+        sh1, sw1 = _scale(h, size), _scale(w, size)
+    lead = low_res.shape[:-2]
+    x = low_res.reshape(-1, h, w)
+    out = torch.empty((x.shape[0], oh, ow), device=low_res.device,
+                      dtype=torch.float32 if return_logits else torch.bool)
+    if x.shape[0] and oh * ow:
+        block = 1024
+        grid = (triton.cdiv(oh * ow, block), x.shape[0])
+        _postprocess_fwd[grid](
+            x, out, *x.stride(), h, w, ih, iw, oh, ow, sh1, sw1, _scale(ih, oh), _scale(iw, ow),
+            float(sam.mask_threshold), RESIZE=(oh, ow) != (ih, iw), LOGITS=bool(return_logits),
+            BLOCK=block, num_warps=4,
+        )
+    return out.reshape(*lead, oh, ow)

@@ -1,0 +1,94 @@
+"""The fused mask post-processing (``postprocess="triton"``) against ``Sam.postprocess_masks``.
+
+The Triton interpreter must be on before the kernel is defined, so the comparisons run in a
+child process (fp32 and fp16: the interpreter mishandles bfloat16)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+_CHILD = textwrap.dedent(
+    """
+    import numpy as np
+    import torch
+    from segment_anything_fast.build_sam import build_sam
+    from segment_anything_fast.compile import set_postprocess
+    from segment_anything_fast.fused_postprocess import masks_from_logits
+    from segment_anything_fast.predictor import SamPredictor
+
+    sam = build_sam("tiny").eval()  # 128 px input, 32x32 low-res masks (scale 4)
+    g = torch.Generator().manual_seed(0)
+    cases = [  # low-res (h, w), input size, original size, dtype
+        ((32, 32), (96, 128), (96, 128), torch.float32),   # no final resize
+        ((32, 32), (96, 128), (60, 80), torch.float32),    # shrink
+        ((32, 32), (128, 80), (200, 125), torch.float16),  # enlarge, fp16 logits
+        ((32, 32), (77, 128), (53, 91), torch.float32),    # odd sizes
+        ((24, 24), (128, 96), (33, 25), torch.float32),    # not an integer scale: (size, size) path
+    ]
+    for i, (hw, ins, orig, dt) in enumerate(cases):
+        x = (torch.randn(2, 4, *hw, generator=g) * 3).to(dt)[:, 1:]  # multimask slice: not contiguous
+        ref = sam.postprocess_masks(x, ins, orig)
+        got = masks_from_logits(sam, x, ins, orig, return_logits=True)
+        assert got.shape == ref.shape == (2, 3, *orig) and got.dtype == torch.float32, (i, got.shape)
+        err = (got - ref).abs().max().item()
+        assert err < 1e-5 * max(1.0, ref.abs().max().item()), (i, err)
+        b = masks_from_logits(sam, x, ins, orig)
+        assert b.dtype == torch.bool and b.shape == ref.shape
+        # the same masks, except pixels within float noise of the threshold
+        assert not ((b != (ref > sam.mask_threshold)) & (ref.abs() > 1e-4)).any(), i
+    empty = masks_from_logits(sam, torch.zeros(0, 3, 32, 32), (96, 128), (60, 80))
+    assert empty.shape == (0, 3, 60, 80)
+
+    # through the predictor: the same masks as the torch post-processing
+    img = np.random.RandomState(0).randint(0, 256, (100, 150, 3), dtype=np.uint8)
+    pts, lab = np.array([[30.0, 40.0], [100.0, 60.0]]), np.array([1, 0])
+    with torch.no_grad():
+        outs = {}
+        for backend in ("torch", "triton"):
+            set_postprocess(sam, backend)
+            p = SamPredictor(sam)
+            p.set_image(img)
+            outs[backend] = (p.predict(pts, lab, multimask_output=True),
+                             p.predict(pts, lab, multimask_output=False, return_logits=True))
+    (m1, s1, l1), (g1, _, _) = outs["torch"]
+    (m2, s2, l2), (g2, _, _) = outs["triton"]
+    assert m1.dtype == m2.dtype == bool and m1.shape == m2.shape == (3, 100, 150)
+    assert (m1 != m2).mean() <= 1e-4 and np.array_equal(s1, s2) and np.array_equal(l1, l2)
+    assert g2.dtype == np.float32 and np.abs(g1 - g2).max() < 1e-4
+    print("OK")
+    """
+)
+
+
+def test_fused_postprocess_matches_torch_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.bad_input
+def test_bad_postprocess_choices():
+    from segment_anything_fast.build_sam import build_sam
+    from segment_anything_fast.build_sam_fast import build_sam_fast
+    from segment_anything_fast.compile import set_postprocess
+    from segment_anything_fast.fused_postprocess import masks_from_logits
+
+    sam = build_sam("tiny").eval()
+    with pytest.raises(ValueError, match="postprocess must be one of"):
+        set_postprocess(sam, "cuda")
+    with pytest.raises(ValueError, match="postprocess must be one of"):
+        build_sam_fast("tiny", device="cpu", postprocess="fused")
+    with pytest.raises(ValueError, match="postprocess='triton' needs device='cuda'"):
+        build_sam_fast("tiny", device="cpu", postprocess="triton")
+    with pytest.raises(ValueError, match="input_size"):
+        masks_from_logits(sam, torch.zeros(1, 3, 32, 32), (0, 128), (96, 128))
+    with pytest.raises(ValueError, match="float logits"):
+        masks_from_logits(sam, torch.zeros(1, 3, 32, 32, dtype=torch.long), (96, 128), (96, 128))
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+            masks_from_logits(sam, torch.zeros(1, 3, 32, 32), (96, 128), (96, 128))

@@ -354,6 +354,9 @@ def build_parser():
     ap.add_argument("--ours-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--ours-postprocess-compile", default=None, choices=OURS_COMPILE,
                     help="compile mode of ours' mask scoring (default: 'default' on CUDA, none on CPU)")
+    ap.add_argument("--ours-postprocess", default="torch", choices=("torch", "triton"),
+                    help="ours' mask scoring and rendering: torch (its ops, compiled per "
+                         "--ours-postprocess-compile) or triton (fused_postprocess kernels, CUDA only)")
     ap.add_argument("--ours-points-per-batch", type=int, default=256)
     ap.add_argument("--peer-compile", default="default", choices=PEER_COMPILE,
                     help="the competitor's image-encoder compile mode (its builder uses max-autotune)")
@@ -405,6 +408,12 @@ def main(argv=None):
         args.ours_compile = "reduce-overhead" if dev.type == "cuda" else "none"
     if args.ours_decoder_compile is None:
         args.ours_decoder_compile = "default" if dev.type == "cuda" else "none"
+    if args.ours_postprocess == "triton":
+        if dev.type != "cuda":
+            ap.error("--ours-postprocess triton needs --device cuda.")
+        if args.ours_postprocess_compile not in (None, "none"):
+            ap.error("--ours-postprocess triton runs uncompiled kernels; drop --ours-postprocess-compile.")
+        args.ours_postprocess_compile = "none"
     if args.ours_postprocess_compile is None:
         args.ours_postprocess_compile = "default" if dev.type == "cuda" else "none"
     meta = dict(gpu=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
@@ -485,7 +494,9 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
             dtype, mode, ppb = "bfloat16", args.peer_compile, 64
         else:
             dtype, mode = args.ours_dtype, f"{args.ours_compile}/{attention}" + ("/regional" if args.ours_regional else "")
-            if args.ours_postprocess_compile != "none":
+            if args.ours_postprocess == "triton":
+                mode += "/scoring-triton"
+            elif args.ours_postprocess_compile != "none":
                 mode += f"/scoring-{args.ours_postprocess_compile}"
             mode += f"/upscaling-{args.ours_upscaling or ('triton' if dev.type == 'cuda' else 'conv')}"
             mode += f"/dec-attn-{args.ours_decoder_attention or ('triton' if dev.type == 'cuda' else 'sdpa')}"
@@ -529,6 +540,8 @@ def run_model(args, model_type, impls, image, dev, attention, meta):
             extra = {}
             if impl == "ours" and args.ours_postprocess_compile != "none":
                 extra["postprocess_compile_mode"] = args.ours_postprocess_compile
+            if impl == "ours" and args.ours_postprocess == "triton":
+                extra["postprocess"] = "triton"
             gen = Gen(sam, points_per_batch=ppb, **amg_kw, **extra)
             iters = args.orig_iters if (impl == "orig" and args.orig_iters is not None) else args.iters
             first, s, out = time_generate(gen, image, dev, args.warmup, iters)

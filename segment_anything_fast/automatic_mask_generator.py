@@ -19,6 +19,8 @@ copies go through page-locked memory without blocking (``to_device``), and for o
 matrix of the NMS (its greedy pass runs on the host) and once at the end, for all the
 device-to-host copies of the output.
 """
+import functools
+import os
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -69,12 +71,14 @@ def _near_crop_edge(boxes: torch.Tensor, crop_box: List[int], orig_size, atol: f
     return near
 
 
-def _render_masks(model, low_res: torch.Tensor, input_size, image_size, count: bool):
+def _render_masks(model, low_res: torch.Tensor, input_size, image_size, count: bool,
+                  masks_fn=_masks_from_logits):
     """Full-resolution bool masks of (N, h, w) low-res logits, with their pixel counts (int64)
     when ``count`` (else None). Compiled, the image-resolution float logits are thresholded and
     counted as they are computed, never written out (inductor still materializes the first,
-    model-input-sized upscale)."""
-    masks = _masks_from_logits(model, low_res[:, None], input_size, image_size, False)[:, 0]
+    model-input-sized upscale); ``masks_fn``: ``fused_postprocess.masks_from_logits`` for
+    ``postprocess="triton"``."""
+    masks = masks_fn(model, low_res[:, None], input_size, image_size, False)[:, 0]
     return masks, (masks.flatten(1).sum(1) if count else None)
 
 
@@ -110,7 +114,9 @@ class SamAutomaticMaskGenerator:
     eager) compiles the candidates' scoring (upscale to full resolution, stability score,
     box) and the survivors' rendering (upscale, threshold, area), so the full-resolution
     logits are fused into the reductions instead of being written out; both are called on
-    chunks of exactly ``3 * points_per_batch`` rows.
+    chunks of exactly ``3 * points_per_batch`` rows. ``postprocess="triton"`` (CUDA) runs both
+    as our kernels instead (``fused_postprocess.mask_scores`` / ``masks_from_logits``: no
+    full-resolution intermediate at all); ``postprocess_compile_mode`` must then be None.
     """
 
     def __init__(
@@ -130,6 +136,7 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         postprocess_compile_mode: Optional[str] = None,
+        postprocess: str = "torch",
     ) -> None:
         grids = validation.check_amg_params(
             points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
@@ -151,8 +158,21 @@ class SamAutomaticMaskGenerator:
             except ImportError as e:
                 raise ImportError("min_mask_region_area > 0 needs OpenCV: pip install opencv-python") from e
 
+        if postprocess not in ("torch", "triton"):
+            raise ValueError(f"postprocess must be 'torch' or 'triton', got {postprocess!r}.")
+        if postprocess == "triton" and postprocess_compile_mode is not None:
+            raise ValueError("postprocess='triton' runs our kernels uncompiled; pass "
+                             "postprocess_compile_mode=None with it.")
         self._scores, self._render = _mask_scores, _render_masks
-        if postprocess_compile_mode is not None:
+        if postprocess == "triton":
+            from . import fused_postprocess
+
+            if model.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+                raise ValueError("postprocess='triton' needs a model on CUDA; use postprocess='torch'.")
+
+            self._scores = fused_postprocess.mask_scores
+            self._render = functools.partial(_render_masks, masks_fn=fused_postprocess.masks_from_logits)
+        elif postprocess_compile_mode is not None:
             from .compile import compile_function
 
             self._scores = compile_function(_mask_scores, postprocess_compile_mode)

@@ -7,7 +7,8 @@ first upscale as a float32 tensor, 600 MB for 64 prompts x 3 masks of a 768x1024
 reads it back to threshold). Here every output pixel is computed from the low-res logits
 directly (the 2 x 2 low-res neighbours of each of its 2 x 2 intermediate neighbours, in
 float32, with PyTorch's source-index and weight formulas), and only the bool masks (or the
-float32 logits) are written. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+float32 logits) are written: :func:`masks_from_logits`. :func:`mask_scores` reduces the same
+pixels to the automatic mask generator's stability scores and boxes without writing masks. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 import os
 from typing import Tuple
@@ -44,15 +45,12 @@ def _upscaled(X, r, c, sh, sw, H, W, s_h, s_w, m):
 
 
 @triton.jit
-def _postprocess_fwd(X, O, s_xn, s_xh, s_xw, H, W, IH, IW, OH, OW, sh1, sw1, sh2, sw2, thr,
-                     RESIZE: tl.constexpr, LOGITS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (i, n): output pixels i * BLOCK ... of mask n (row-major (OH, OW))."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    n = tl.program_id(1).to(tl.int64)
+def _full_res(X, offs, s_xh, s_xw, H, W, IH, IW, OH, OW, sh1, sw1, sh2, sw2, RESIZE: tl.constexpr):
+    """Logits at flat output pixels ``offs`` of one mask (``X`` at its logits): (values,
+    in-range mask, rows, columns)."""
     m = offs < OH * OW
     y = offs // OW
     x = offs % OW
-    X = X + n * s_xn
     if RESIZE:  # second bilinear resize, from the (IH, IW) crop to (OH, OW)
         y0, y1, a0, a1 = _source(y, sh2, IH)
         x0, x1, b0, b1 = _source(x, sw2, IW)
@@ -62,8 +60,38 @@ def _postprocess_fwd(X, O, s_xn, s_xh, s_xw, H, W, IH, IW, OH, OW, sh1, sw1, sh2
                      + b1 * _upscaled(X, y1, x1, sh1, sw1, H, W, s_xh, s_xw, m)))
     else:
         v = _upscaled(X, y, x, sh1, sw1, H, W, s_xh, s_xw, m)
+    return v, m, y, x
+
+
+@triton.jit
+def _postprocess_fwd(X, O, s_xn, s_xh, s_xw, H, W, IH, IW, OH, OW, sh1, sw1, sh2, sw2, thr,
+                     RESIZE: tl.constexpr, LOGITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (i, n): output pixels i * BLOCK ... of mask n (row-major (OH, OW))."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n = tl.program_id(1).to(tl.int64)
+    v, m, _, _ = _full_res(X + n * s_xn, offs, s_xh, s_xw, H, W, IH, IW, OH, OW,
+                           sh1, sw1, sh2, sw2, RESIZE)
     out = v if LOGITS else v > thr
     tl.store(O + n * OH * OW + offs, out, mask=m)
+
+
+@triton.jit
+def _scores_fwd(X, COUNTS, BOX, s_xn, s_xh, s_xw, H, W, IH, IW, OH, OW, sh1, sw1, sh2, sw2,
+                thr, hi, lo, RESIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (i, n): pixel counts above ``hi`` and ``lo`` (COUNTS[n, 0:2]) and the extent
+    of the pixels above ``thr`` (BOX[n] = min x, min y, max x, max y) over pixels i * BLOCK ...
+    of mask n, merged with atomics."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n = tl.program_id(1).to(tl.int64)
+    v, m, y, x = _full_res(X + n * s_xn, offs, s_xh, s_xw, H, W, IH, IW, OH, OW,
+                           sh1, sw1, sh2, sw2, RESIZE)
+    tl.atomic_add(COUNTS + 2 * n, tl.sum((m & (v > hi)).to(tl.int32), axis=0))
+    tl.atomic_add(COUNTS + 2 * n + 1, tl.sum((m & (v > lo)).to(tl.int32), axis=0))
+    on = m & (v > thr)
+    tl.atomic_min(BOX + 4 * n, tl.min(tl.where(on, x, OW), axis=0))
+    tl.atomic_min(BOX + 4 * n + 1, tl.min(tl.where(on, y, OH), axis=0))
+    tl.atomic_max(BOX + 4 * n + 2, tl.max(tl.where(on, x, -1), axis=0))
+    tl.atomic_max(BOX + 4 * n + 3, tl.max(tl.where(on, y, -1), axis=0))
 
 
 def _scale(n_in: int, n_out: int) -> float:
@@ -71,20 +99,17 @@ def _scale(n_in: int, n_out: int) -> float:
     return float(np.float32(n_in) / np.float32(n_out))
 
 
-def masks_from_logits(sam, low_res: torch.Tensor, input_size: Tuple[int, ...],
-                      original_size: Tuple[int, ...], return_logits: bool = False) -> torch.Tensor:
-    """``sam.postprocess_masks(low_res, input_size, original_size)``, thresholded at
-    ``sam.mask_threshold`` unless ``return_logits`` (float32 logits then), in one kernel.
-    ``low_res``: (..., h, w) logits of any float dtype; returns (..., H, W) of ``original_size``."""
+def _geometry(sam, low_res: torch.Tensor, input_size, original_size):
+    """Checked sizes and PyTorch's float32 scales of the two bilinear stages."""
     if low_res.dim() < 2 or not low_res.dtype.is_floating_point:
-        raise ValueError(f"masks_from_logits: expected (..., h, w) float logits, got "
+        raise ValueError(f"fused post-processing: expected (..., h, w) float logits, got "
                          f"{tuple(low_res.shape)} {low_res.dtype}.")
     size = sam.image_encoder.img_size
     h, w = low_res.shape[-2], low_res.shape[-1]
     ih, iw = int(input_size[0]), int(input_size[1])
     oh, ow = int(original_size[0]), int(original_size[1])
     if not (0 < ih <= size and 0 < iw <= size and oh > 0 and ow > 0):
-        raise ValueError(f"masks_from_logits: input_size {tuple(input_size)} must lie within the "
+        raise ValueError(f"fused post-processing: input_size {tuple(input_size)} must lie within the "
                          f"model's {size}x{size} input and original_size {tuple(original_size)} be positive.")
     if not (low_res.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         raise RuntimeError(
@@ -97,16 +122,48 @@ def masks_from_logits(sam, low_res: torch.Tensor, input_size: Tuple[int, ...],
         sh1 = sw1 = float(np.float32(1.0 / (size // h)))
     else:
         sh1, sw1 = _scale(h, size), _scale(w, size)
+    return h, w, ih, iw, oh, ow, (sh1, sw1, _scale(ih, oh), _scale(iw, ow))
+
+
+_BLOCK = 1024
+
+
+def masks_from_logits(sam, low_res: torch.Tensor, input_size: Tuple[int, ...],
+                      original_size: Tuple[int, ...], return_logits: bool = False) -> torch.Tensor:
+    """``sam.postprocess_masks(low_res, input_size, original_size)``, thresholded at
+    ``sam.mask_threshold`` unless ``return_logits`` (float32 logits then), in one kernel.
+    ``low_res``: (..., h, w) logits of any float dtype; returns (..., H, W) of ``original_size``."""
+    h, w, ih, iw, oh, ow, scales = _geometry(sam, low_res, input_size, original_size)
     lead = low_res.shape[:-2]
     x = low_res.reshape(-1, h, w)
     out = torch.empty((x.shape[0], oh, ow), device=low_res.device,
                       dtype=torch.float32 if return_logits else torch.bool)
-    if x.shape[0] and oh * ow:
-        block = 1024
-        grid = (triton.cdiv(oh * ow, block), x.shape[0])
-        _postprocess_fwd[grid](
-            x, out, *x.stride(), h, w, ih, iw, oh, ow, sh1, sw1, _scale(ih, oh), _scale(iw, ow),
-            float(sam.mask_threshold), RESIZE=(oh, ow) != (ih, iw), LOGITS=bool(return_logits),
-            BLOCK=block, num_warps=4,
+    if x.shape[0]:
+        _postprocess_fwd[(triton.cdiv(oh * ow, _BLOCK), x.shape[0])](
+            x, out, *x.stride(), h, w, ih, iw, oh, ow, *scales, float(sam.mask_threshold),
+            RESIZE=(oh, ow) != (ih, iw), LOGITS=bool(return_logits), BLOCK=_BLOCK, num_warps=4,
         )
     return out.reshape(*lead, oh, ow)
+
+
+def mask_scores(sam, low_res: torch.Tensor, input_size: Tuple[int, ...], original_size: Tuple[int, ...],
+                offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stability scores (float32) and XYXY boxes (int64, zeros when empty) of the masks
+    ``masks_from_logits`` would give for (N, h, w) ``low_res``, without writing them: the
+    automatic mask generator's candidate scoring (``calculate_stability_score`` at
+    ``sam.mask_threshold`` +/- ``offset``, ``batched_mask_to_box``)."""
+    h, w, ih, iw, oh, ow, scales = _geometry(sam, low_res, input_size, original_size)
+    x = low_res.reshape(-1, h, w)
+    n = x.shape[0]
+    counts = torch.zeros((n, 2), device=x.device, dtype=torch.int32)
+    box = torch.full((n, 4), -1, device=x.device, dtype=torch.int32)  # fills: no host copy
+    box[:, 0], box[:, 1] = ow, oh
+    thr = float(sam.mask_threshold)
+    if n:
+        _scores_fwd[(triton.cdiv(oh * ow, _BLOCK), n)](
+            x, counts, box, *x.stride(), h, w, ih, iw, oh, ow, *scales, thr, thr + offset, thr - offset,
+            RESIZE=(oh, ow) != (ih, iw), BLOCK=_BLOCK, num_warps=4,
+        )
+    stability = counts[:, 0] / counts[:, 1]
+    box = box.long()
+    return stability, torch.where(box[:, 2:3] >= 0, box, torch.zeros_like(box))

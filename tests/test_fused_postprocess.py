@@ -31,10 +31,10 @@ _CHILD = textwrap.dedent(
         ((24, 24), (128, 96), (33, 25), torch.float32),    # not an integer scale: (size, size) path
     ]
     for i, (hw, ins, orig, dt) in enumerate(cases):
-        x = (torch.randn(2, 4, *hw, generator=g) * 3).to(dt)[:, 1:]  # multimask slice: not contiguous
+        x = (torch.randn(1, 4, *hw, generator=g) * 3).to(dt)[:, 2:]  # multimask slice: not contiguous
         ref = sam.postprocess_masks(x, ins, orig)
         got = masks_from_logits(sam, x, ins, orig, return_logits=True)
-        assert got.shape == ref.shape == (2, 3, *orig) and got.dtype == torch.float32, (i, got.shape)
+        assert got.shape == ref.shape == (1, 2, *orig) and got.dtype == torch.float32, (i, got.shape)
         err = (got - ref).abs().max().item()
         assert err < 1e-5 * max(1.0, ref.abs().max().item()), (i, err)
         b = masks_from_logits(sam, x, ins, orig)
@@ -60,6 +60,30 @@ _CHILD = textwrap.dedent(
     assert m1.dtype == m2.dtype == bool and m1.shape == m2.shape == (3, 100, 150)
     assert (m1 != m2).mean() <= 1e-4 and np.array_equal(s1, s2) and np.array_equal(l1, l2)
     assert g2.dtype == np.float32 and np.abs(g1 - g2).max() < 1e-4
+
+    # the AMG's candidate scoring: stability scores and boxes without writing the masks
+    from segment_anything_fast.automatic_mask_generator import SamAutomaticMaskGenerator, _mask_scores
+    from segment_anything_fast.fused_postprocess import mask_scores
+    for i, (hw, ins, orig, dt) in enumerate(cases):
+        x = (torch.randn(3, *hw, generator=g) * 3).to(dt)
+        x[0] = -5.0  # an empty mask: box [0, 0, 0, 0], stability 0 / 0
+        s_ref, b_ref = _mask_scores(sam, x, ins, orig, 1.0)
+        s_got, b_got = mask_scores(sam, x, ins, orig, 1.0)
+        assert b_got.dtype == torch.int64 and s_got.dtype == torch.float32, (b_got.dtype, s_got.dtype)
+        assert torch.equal(b_got, b_ref), (i, b_got, b_ref)
+        assert torch.allclose(s_got, s_ref, atol=1e-3, equal_nan=True), (i, s_got, s_ref)
+
+    # generate() with the fused post-processing gives the torch post-processing's masks
+    kw = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.9)
+    with torch.no_grad():
+        a = SamAutomaticMaskGenerator(sam, **kw).generate(img)
+        b = SamAutomaticMaskGenerator(sam, postprocess="triton", **kw).generate(img)
+    assert len(a) == len(b) > 0, (len(a), len(b))
+    for ra, rb in zip(a, b):
+        inter = (ra["segmentation"] & rb["segmentation"]).sum()
+        union = (ra["segmentation"] | rb["segmentation"]).sum()
+        assert union == 0 or inter / union > 0.99
+        assert ra["bbox"] == rb["bbox"] and abs(ra["stability_score"] - rb["stability_score"]) < 1e-3
     print("OK")
     """
 )
@@ -85,6 +109,15 @@ def test_bad_postprocess_choices():
         build_sam_fast("tiny", device="cpu", postprocess="fused")
     with pytest.raises(ValueError, match="postprocess='triton' needs device='cuda'"):
         build_sam_fast("tiny", device="cpu", postprocess="triton")
+    from segment_anything_fast.automatic_mask_generator import SamAutomaticMaskGenerator
+
+    with pytest.raises(ValueError, match="postprocess must be 'torch' or 'triton'"):
+        SamAutomaticMaskGenerator(sam, postprocess="cuda")
+    with pytest.raises(ValueError, match="postprocess_compile_mode=None"):
+        SamAutomaticMaskGenerator(sam, postprocess="triton", postprocess_compile_mode="default")
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        with pytest.raises(ValueError, match="needs a model on CUDA"):
+            SamAutomaticMaskGenerator(sam, postprocess="triton")
     with pytest.raises(ValueError, match="input_size"):
         masks_from_logits(sam, torch.zeros(1, 3, 32, 32), (0, 128), (96, 128))
     with pytest.raises(ValueError, match="float logits"):

@@ -369,11 +369,15 @@ def _prompt(sam, points: torch.Tensor, labels: torch.Tensor):
     return sam.prompt_encoder(points=(points[:, None, :], labels[:, None]), boxes=None, masks=None)
 
 
+def _best_logits(low_res, iou) -> torch.Tensor:
+    """(K, 1, h, w): the highest-predicted-IoU of each prompt's multimask outputs."""
+    best = iou.argmax(dim=1)
+    return low_res[torch.arange(low_res.shape[0], device=low_res.device), best][:, None]
+
+
 def _best_masks(sam, low_res, iou, input_size, original_size) -> torch.Tensor:
     """Pick the highest-IoU of the multimask outputs and upscale to a (K, H, W) bool mask."""
-    best = iou.argmax(dim=1)
-    low = low_res[torch.arange(low_res.shape[0], device=low_res.device), best][:, None]
-    return sam.masks_from_logits(low, input_size, original_size)[:, 0]
+    return sam.masks_from_logits(_best_logits(low_res, iou), input_size, original_size)[:, 0]
 
 
 @torch.inference_mode()
@@ -418,12 +422,9 @@ def predict_batch(sam, items: List[dict], mode: str, device, dtype,
             sparse, dense = _prompt(sam, pts, labels)
             packed = getattr(sam, "_packed_decoder", decode_packed)
             low, iou = packed(sam, emb, index, sparse, dense)
-            low, iou = low[:total, 1:], iou[:total, 1:]  # real prompts, multimask outputs
-            start = 0
-            for j, i in enumerate(group):
-                sl = slice(start, start + counts[j])
-                start += counts[j]
-                out[i] = _best_masks(sam, low[sl], iou[sl], sizes[i], items[i]["original_size"])
+            best = _best_logits(low[:total, 1:], iou[:total, 1:])  # real prompts, multimask outputs
+            for i, part in zip(group, best.split(counts)):
+                out[i] = sam.masks_from_logits(part, sizes[i], items[i]["original_size"])[:, 0]
             continue
         for j, i in enumerate(group):
             pts = items[i]["points"].to(device, non_blocking=True)

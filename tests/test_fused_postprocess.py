@@ -43,6 +43,16 @@ _CHILD = textwrap.dedent(
         assert not ((b != (ref > sam.mask_threshold)) & (ref.abs() > 1e-4)).any(), i
     empty = masks_from_logits(sam, torch.zeros(0, 3, 32, 32), (96, 128), (60, 80))
     assert empty.shape == (0, 3, 60, 80)
+    # more masks than one launch's second grid axis takes: chunked launches
+    import segment_anything_fast.fused_postprocess as fp
+    fp._MAX_GRID_Y = 2
+    x = torch.randn(5, 32, 32, generator=g)
+    assert torch.equal(masks_from_logits(sam, x, (96, 128), (12, 16)),
+                       sam.postprocess_masks(x[:, None], (96, 128), (12, 16))[:, 0] > 0)
+    s1, b1 = fp.mask_scores(sam, x, (96, 128), (12, 16), 1.0)
+    fp._MAX_GRID_Y = 65535
+    s2, b2 = fp.mask_scores(sam, x, (96, 128), (12, 16), 1.0)
+    assert torch.equal(b1, b2) and torch.equal(s1.nan_to_num(-1), s2.nan_to_num(-1))
 
     # through the predictor: the same masks as the torch post-processing
     img = np.random.RandomState(0).randint(0, 256, (100, 150, 3), dtype=np.uint8)

@@ -18,6 +18,7 @@ split run is not bit-identical to an unsplit one.
 """
 import argparse
 import dataclasses
+import io
 import math
 import os
 import sys
@@ -253,15 +254,48 @@ def save_checkpoint(sam, cfg, path, meta):
 SCHEDULE_FLAGS = ("steps", "minutes", "batch", "prompts", "lr", "seed")
 
 
+def _write_atomic(path, data: bytes):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def save_state(path, sam, opt, sched, gen, rng, step, train_s, scenes_made, args):
-    """Everything a later ``--resume`` needs to continue the same run (written atomically)."""
+    """Everything a later ``--resume`` needs to continue the same run, written atomically.
+    With ``--state-part-mb`` the serialized state goes into ``PATH.partNNN`` files of at most
+    that size (machines that return only small files) and ``PATH`` lists them, written last."""
     state = {"model": {k: v.detach().cpu() for k, v in sam.state_dict().items()},
              "opt": opt.state_dict(), "sched": sched.state_dict(), "gen_state": gen.get_state(),
              "rng": rng.bit_generator.state, "step": step, "train_seconds": train_s,
              "scenes_made": scenes_made, "schedule": {f: getattr(args, f) for f in SCHEDULE_FLAGS}}
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    if args.state_part_mb is None:
+        return _write_atomic(path, data)
+    size = max(1, int(args.state_part_mb * 2**20))
+    parts = []
+    for k in range(0, len(data), size):
+        name = f"{os.path.basename(path)}.part{k // size:03d}"
+        _write_atomic(os.path.join(os.path.dirname(os.path.abspath(path)), name), data[k:k + size])
+        parts.append(name)
+    index = io.BytesIO()
+    torch.save({"state_parts": parts, "state_bytes": len(data)}, index)
+    _write_atomic(path, index.getvalue())
+
+
+def read_state(path):
+    """The state dict that :func:`save_state` wrote to ``path`` (one file, or an index of parts
+    lying next to it)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_parts" not in state:
+        return state
+    folder = os.path.dirname(os.path.abspath(path))
+    data = b"".join(open(os.path.join(folder, name), "rb").read() for name in state["state_parts"])
+    if len(data) != state["state_bytes"]:
+        raise ValueError(f"its parts hold {len(data)} bytes, the index says {state['state_bytes']}")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def load_state(path, args, parser):
@@ -269,7 +303,7 @@ def load_state(path, args, parser):
     if not os.path.isfile(path):
         parser.error(f"--resume: no such file {path!r}.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state(path)
         saved = state["schedule"]
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         parser.error(f"--resume: {path!r} is not a train_demo --state file ({type(e).__name__}: {e}).")
@@ -305,6 +339,9 @@ def main(argv=None):
     p.add_argument("--state", default=None,
                    help="write the resumable training state (fp32 weights, optimizer, step, "
                         "clock, random states) here at the end")
+    p.add_argument("--state-part-mb", type=float, default=None, metavar="MB",
+                   help="write --state as parts of at most MB megabytes (PATH.partNNN) listed by "
+                        "PATH, for machines that return only small files; --resume reads either")
     p.add_argument("--resume", default=None,
                    help="continue the run whose --state file this is (same schedule flags)")
     args = p.parse_args(argv)
@@ -317,6 +354,8 @@ def main(argv=None):
         p.error("--workers must be >= 0.")
     if args.batch > args.pool:
         p.error(f"--batch {args.batch} is larger than --pool {args.pool}; a batch takes distinct scenes.")
+    if args.state_part_mb is not None and (args.state_part_mb <= 0 or args.state is None):
+        p.error("--state-part-mb needs a positive size and --state.")
     if args.stop_after is not None and (args.stop_after <= 0 or args.state is None):
         p.error("--stop-after needs a positive number of minutes and --state (to resume from).")
     for flag, path in (("--out", args.out), ("--state", args.state)):

@@ -40,6 +40,8 @@ def test_bad_arguments_are_refused(tmp_path):
         td.main(["--steps", "0", "--out", str(tmp_path / "x.pt")])
     with pytest.raises(SystemExit):
         td.main(["--out", str(tmp_path / "missing" / "x.pt")])
+    with pytest.raises(SystemExit):  # parts of a state that is not written
+        td.main(["--state-part-mb", "15", "--out", str(tmp_path / "x.pt")])
 
 
 def test_worker_pool_swaps_in_fresh_scenes():
@@ -96,25 +98,33 @@ def test_pool_batches_and_prompts_are_consistent():
     assert 0 < flipped < 24
 
 
-def test_stop_and_resume_continue_one_schedule(tmp_path, monkeypatch):
-    """--stop-after writes --state mid-schedule; --resume finishes the same schedule (step count,
-    optimizer steps, scene numbering) and refuses other schedule flags."""
+@pytest.mark.parametrize("part_mb", [None, "0.2"])
+def test_stop_and_resume_continue_one_schedule(tmp_path, monkeypatch, part_mb):
+    """--stop-after writes --state mid-schedule (one file, or --state-part-mb parts listed by
+    it); --resume finishes the same schedule (step count, optimizer steps, scene numbering) and
+    refuses other schedule flags."""
     td = _script()
     state, out = str(tmp_path / "state.pt"), str(tmp_path / "demo.pt")
     flags = ["--steps", "6", "--minutes", "1000", "--pool", "3", "--batch", "2", "--prompts", "2",
              "--heldout", "1", "--state", state, "--out", out]
+    if part_mb is not None:
+        flags += ["--state-part-mb", part_mb]
     clock = iter(range(0, 10**6, 2))  # every time.time() call advances 2 s
     monkeypatch.setattr(td.time, "time", lambda: float(next(clock)))
     assert td.main(flags + ["--stop-after", "0.4"]) == 0  # 24 s of fake training time
     monkeypatch.undo()
-    first = torch.load(state, weights_only=True)
+    first = td.read_state(state)
     assert 0 < first["step"] < 6
+    if part_mb is not None:  # parts of at most 0.2 MB, and the index file is small
+        parts = sorted(tmp_path.glob("state.pt.part*"))
+        assert len(parts) > 1 and all(p.stat().st_size <= 0.2 * 2**20 for p in parts)
+        assert os.path.getsize(state) < 16384
     part = torch.load(out, weights_only=True)["meta"]
     assert part["steps"] == first["step"] and part["schedule_finished"] is False
     with pytest.raises(SystemExit):
         td.main(flags + ["--resume", state, "--lr", "5e-3"])
     assert td.main(flags + ["--resume", state]) == 0
-    final = torch.load(state, weights_only=True)
+    final = td.read_state(state)
     assert final["step"] == 6 and final["scenes_made"] > first["scenes_made"]
     assert all(int(s["step"]) == 6 for s in final["opt"]["state"].values())
     meta = torch.load(out, weights_only=True)["meta"]

@@ -20,6 +20,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .triton_env import use_torch_ptxas
 
@@ -272,7 +273,12 @@ The variants (all give the same results up to rounding):
 * ``HOIST_W``: load the second conv's weights once per program, before the loops.
 * ``BLOCKS_PER_PROG``: token blocks per program, in a ``tl.range`` loop (loads can pipeline
   across blocks; the hypernetwork vectors and biases are loaded once).
+
+If the default does not fit a GPU's shared memory (it was sized on Hopper), :func:`_launch`
+falls back to :data:`FALLBACK_CONFIG`, the plain variant, for the rest of the process.
 """
+FALLBACK_CONFIG = dict(DEFAULT_CONFIG, ROUND=True, ROW_STORE=False, WIDE=False)
+_use_fallback = False
 
 
 def _launch(src, hyper, w1, b1, ln_w, ln_b, ln_eps: float, w2, b2, grid_w: int, config=None):
@@ -303,10 +309,32 @@ def _launch(src, hyper, w1, b1, ln_w, ln_b, ln_eps: float, w2, b2, grid_w: int, 
     hyper = hyper.to(dt)
     gh = N // grid_w
     out = torch.empty(B, T, 4 * gh, 4 * grid_w, device=src.device, dtype=dt)
-    cfg = dict(DEFAULT_CONFIG, **(config or {}))
-    unknown = set(cfg) - set(DEFAULT_CONFIG)
+    if config is None:
+        try:
+            return _run(src, hyper, w1p, b1, ln_w, ln_b, ln_eps, w2p, b2, grid_w, out,
+                        FALLBACK_CONFIG if _use_fallback else DEFAULT_CONFIG)
+        except OutOfResources:
+            if _use_fallback:
+                raise
+            _fall_back()
+            return _run(src, hyper, w1p, b1, ln_w, ln_b, ln_eps, w2p, b2, grid_w, out, FALLBACK_CONFIG)
+    unknown = set(config) - set(DEFAULT_CONFIG)
     if unknown:
         raise ValueError(f"upscale: unknown config keys {sorted(unknown)}")
+    return _run(src, hyper, w1p, b1, ln_w, ln_b, ln_eps, w2p, b2, grid_w, out, dict(DEFAULT_CONFIG, **config))
+
+
+def _fall_back():
+    global _use_fallback
+    _use_fallback = True
+
+
+def _run(src, hyper, w1p, b1, ln_w, ln_b, ln_eps, w2p, b2, grid_w, out, cfg):
+    """Launch :func:`_upscale_masks_fwd` with the full config ``cfg`` into ``out``."""
+    B, N, C = src.shape
+    T, C8 = hyper.shape[1], hyper.shape[2]
+    C4 = C8 * 2
+    dt = src.dtype
     block, per_prog = cfg["BLOCK"], cfg["BLOCKS_PER_PROG"]
     # contiguous row stores need every block inside one grid row
     aligned = bool(cfg["ROW_STORE"]) and grid_w % block == 0

@@ -153,3 +153,38 @@ def test_kernels_use_torchs_ptxas(monkeypatch):
         assert os.environ["TRITON_PTXAS_PATH"] == str(ptxas)
     else:
         assert "TRITON_PTXAS_PATH" not in os.environ
+
+
+def test_default_launch_falls_back_when_out_of_shared_memory(monkeypatch):
+    """A GPU whose shared memory the default launch does not fit gets the plain variant (CPU:
+    a stub kernel that refuses the wide variant as Triton would)."""
+    from triton.runtime.errors import OutOfResources
+
+    from segment_anything_fast import fused_upscale as fu
+    from segment_anything_fast.modeling.mask_decoder import MaskDecoder
+    from segment_anything_fast.modeling.transformer import TwoWayTransformer
+
+    launches = []
+
+    class StubKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append(kw["WIDE"])
+                if kw["WIDE"]:
+                    raise OutOfResources(300000, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fu, "_upscale_masks_fwd", StubKernel())
+    monkeypatch.setattr(fu, "_use_fallback", False)
+    dec = MaskDecoder(transformer_dim=128, transformer=TwoWayTransformer(
+        depth=1, embedding_dim=128, mlp_dim=64, num_heads=4)).eval()
+    conv1, ln, _, conv2, _ = dec.output_upscaling
+    args = (torch.zeros(2, 16, 128), torch.zeros(2, 4, 16), conv1.weight, conv1.bias, ln.weight,
+            ln.bias, 1e-6, conv2.weight, conv2.bias, 4)
+    assert fu._launch(*args).shape == (2, 4, 16, 16)
+    assert launches == [True, False] and fu._use_fallback
+    fu._launch(*args)  # later calls go straight to the fallback
+    assert launches == [True, False, False]
+    with pytest.raises(OutOfResources):  # an explicit config is not replaced
+        fu._launch(*args, config=dict(WIDE=True))

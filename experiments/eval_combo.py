@@ -399,7 +399,8 @@ def predict_batch(sam, items: List[dict], mode: str, device, dtype,
         emb = _encode(sam, [items[i]["image"] for i in group], device, dtype)
         pe = sam.prompt_encoder.get_dense_pe()
         if mode == "nested":
-            pts = torch.cat([items[i]["points"] for i in group]).to(device, non_blocking=True)
+            # the concatenation is a new, pageable tensor: copied through page-locked memory
+            pts = to_device(torch.cat([items[i]["points"] for i in group]), device)
             counts = [items[i]["points"].shape[0] for i in group]
             if pts.shape[0] == 0:
                 for i in group:

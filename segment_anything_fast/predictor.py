@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import validation
+from .utils.amg import to_device
 from .utils.transforms import ResizeLongestSide
 
 _NOT_SET = "An image must be set with .set_image(...) before mask prediction."
@@ -100,16 +101,18 @@ class SamPredictor:
         if coords is None and box is None and mask_input is None:
             raise ValueError("predict() needs a prompt: pass point_coords + point_labels, a box, or mask_input.")
 
+        # through page-locked memory: a pageable copy to CUDA would wait for set_image's
+        # encoder, and the decoder could not be queued behind it
         coords_t = labels_t = box_t = mask_t = None
         if coords is not None:
             coords = self.transform.apply_coords(coords, self.original_size)
-            coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
-            labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
+            coords_t = to_device(np.asarray(coords, np.float32), self.device)[None]
+            labels_t = to_device(np.asarray(labels, np.int32), self.device)[None]
         if box is not None:
             box = self.transform.apply_boxes(box, self.original_size)
-            box_t = torch.as_tensor(box, dtype=torch.float, device=self.device)
+            box_t = to_device(np.asarray(box, np.float32), self.device)
         if mask_input is not None:
-            mask_t = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]
+            mask_t = to_device(np.asarray(mask_input, np.float32), self.device)[None]
 
         masks, scores, low_res = self._predict(coords_t, labels_t, box_t, mask_t, multimask_output, return_logits)
         return masks[0].cpu().numpy(), scores[0].cpu().numpy(), low_res[0].cpu().numpy()

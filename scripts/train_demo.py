@@ -264,7 +264,7 @@ def _write_atomic(path, data: bytes):
 def save_state(path, sam, opt, sched, gen, rng, step, train_s, scenes_made, args):
     """Everything a later ``--resume`` needs to continue the same run, written atomically.
     With ``--state-part-mb`` the serialized state goes into ``PATH.partNNN`` files of at most
-    that size (machines that return only small files) and ``PATH`` lists them, written last."""
+    that many MiB (machines that return only small files) and ``PATH`` lists them, written last."""
     state = {"model": {k: v.detach().cpu() for k, v in sam.state_dict().items()},
              "opt": opt.state_dict(), "sched": sched.state_dict(), "gen_state": gen.get_state(),
              "rng": rng.bit_generator.state, "step": step, "train_seconds": train_s,
@@ -292,7 +292,11 @@ def read_state(path):
     if "state_parts" not in state:
         return state
     folder = os.path.dirname(os.path.abspath(path))
-    data = b"".join(open(os.path.join(folder, name), "rb").read() for name in state["state_parts"])
+    chunks = []
+    for name in state["state_parts"]:
+        with open(os.path.join(folder, name), "rb") as f:
+            chunks.append(f.read())
+    data = b"".join(chunks)
     if len(data) != state["state_bytes"]:
         raise ValueError(f"its parts hold {len(data)} bytes, the index says {state['state_bytes']}")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -340,7 +344,7 @@ def main(argv=None):
                    help="write the resumable training state (fp32 weights, optimizer, step, "
                         "clock, random states) here at the end")
     p.add_argument("--state-part-mb", type=float, default=None, metavar="MB",
-                   help="write --state as parts of at most MB megabytes (PATH.partNNN) listed by "
+                   help="write --state as parts of at most MB MiB (PATH.partNNN) listed by "
                         "PATH, for machines that return only small files; --resume reads either")
     p.add_argument("--resume", default=None,
                    help="continue the run whose --state file this is (same schedule flags)")

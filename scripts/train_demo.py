@@ -246,15 +246,20 @@ def save_checkpoint(sam, cfg, path, meta):
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sam.state_dict().items()}
     c = dataclasses.asdict(cfg)
     c["encoder_global_attn_indexes"] = list(c["encoder_global_attn_indexes"])
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"model": sd, "config": c, "meta": meta}, tmp)
-    os.replace(tmp, path)
+    _write_atomic(path, _serialized({"model": sd, "config": c, "meta": meta}))
 
 
 SCHEDULE_FLAGS = ("steps", "minutes", "batch", "prompts", "lr", "seed")
 
 
+def _serialized(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def _write_atomic(path, data: bytes):
+    """Write ``data`` to a temporary file beside ``path``, then rename it there."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -269,9 +274,7 @@ def save_state(path, sam, opt, sched, gen, rng, step, train_s, scenes_made, args
              "opt": opt.state_dict(), "sched": sched.state_dict(), "gen_state": gen.get_state(),
              "rng": rng.bit_generator.state, "step": step, "train_seconds": train_s,
              "scenes_made": scenes_made, "schedule": {f: getattr(args, f) for f in SCHEDULE_FLAGS}}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
+    data = _serialized(state)
     if args.state_part_mb is None:
         return _write_atomic(path, data)
     size = max(1, int(args.state_part_mb * 2**20))
@@ -280,9 +283,7 @@ def save_state(path, sam, opt, sched, gen, rng, step, train_s, scenes_made, args
         name = f"{os.path.basename(path)}.part{k // size:03d}"
         _write_atomic(os.path.join(os.path.dirname(os.path.abspath(path)), name), data[k:k + size])
         parts.append(name)
-    index = io.BytesIO()
-    torch.save({"state_parts": parts, "state_bytes": len(data)}, index)
-    _write_atomic(path, index.getvalue())
+    _write_atomic(path, _serialized({"state_parts": parts, "state_bytes": len(data)}))
 
 
 def read_state(path):

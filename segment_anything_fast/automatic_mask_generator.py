@@ -20,7 +20,6 @@ matrix of the NMS (its greedy pass runs on the host) and once at the end, for al
 device-to-host copies of the output.
 """
 import functools
-import os
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -158,7 +157,9 @@ class SamAutomaticMaskGenerator:
             except ImportError as e:
                 raise ImportError("min_mask_region_area > 0 needs OpenCV: pip install opencv-python") from e
 
-        if postprocess not in ("torch", "triton"):
+        from .compile import POSTPROCESS_BACKENDS
+
+        if postprocess not in POSTPROCESS_BACKENDS:
             raise ValueError(f"postprocess must be 'torch' or 'triton', got {postprocess!r}.")
         if postprocess == "triton" and postprocess_compile_mode is not None:
             raise ValueError("postprocess='triton' runs our kernels uncompiled; pass "
@@ -166,8 +167,9 @@ class SamAutomaticMaskGenerator:
         self._scores, self._render = _mask_scores, _render_masks
         if postprocess == "triton":
             from . import fused_postprocess
+            from .triton_env import interpreting
 
-            if model.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            if model.device.type != "cuda" and not interpreting():
                 raise ValueError("postprocess='triton' needs a model on CUDA; use postprocess='torch'.")
 
             self._scores = fused_postprocess.mask_scores

@@ -13,13 +13,12 @@ read and written in place in the projections' (B, N, heads * d) layout, and a ba
 side is broadcast by a zero batch stride (read once per head from L2, never copied). Under
 ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (tests).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_env import use_torch_ptxas
+from .triton_env import interpreting, use_torch_ptxas
 
 _LOG2E = 1.4426950408889634
 
@@ -73,9 +72,6 @@ def kernel_config(m: int, n: int, head_dim: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=short(n) if n <= 64 else 64, num_warps=4, num_stages=2)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def _batch_stride(x: torch.Tensor, batch: int) -> int:
     return 0 if x.shape[0] == 1 and batch > 1 else x.stride(0)
@@ -84,7 +80,7 @@ def _batch_stride(x: torch.Tensor, batch: int) -> int:
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
     """softmax(q_h k_h^T / sqrt(d)) v_h for every head h of the projections q (Bq, M, C),
     k and v (Bk, N, C) (C = heads * d); a batch of 1 broadcasts. Returns (B, M, C)."""
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or interpreting()):
         raise RuntimeError(
             "decoder_attention='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the Triton "
             "interpreter on CPU); use decoder_attention='sdpa' on the CPU."

@@ -11,7 +11,6 @@ masks (or the float32 logits) are written: :func:`masks_from_logits`. :func:`mas
 reduces the same pixels to the automatic mask generator's stability scores and boxes without
 writing masks. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
-import os
 from typing import Tuple
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_env import use_torch_ptxas
+from .triton_env import interpreting, use_torch_ptxas
 
 
 @triton.jit
@@ -112,7 +111,7 @@ def _geometry(sam, low_res: torch.Tensor, input_size, original_size):
     if not (0 < ih <= size and 0 < iw <= size and oh > 0 and ow > 0):
         raise ValueError(f"fused post-processing: input_size {tuple(input_size)} must lie within the "
                          f"model's {size}x{size} input and original_size {tuple(original_size)} be positive.")
-    if not (low_res.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    if not (low_res.is_cuda or interpreting()):
         raise RuntimeError(
             "postprocess='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); use "
             "postprocess='torch' on the CPU."

@@ -15,14 +15,13 @@ model dtype wherever the module chain stores a tensor. Needs power-of-two channe
 configs); :func:`check_supported` says so otherwise. Runs on CUDA, or on CPU tensors under
 ``TRITON_INTERPRET=1`` (tests).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .triton_env import use_torch_ptxas
+from .triton_env import interpreting, use_torch_ptxas
 
 @triton.jit
 def _gelu(x):
@@ -252,9 +251,6 @@ def check_supported(channels: int, num_mask_tokens: int) -> None:
         )
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 DEFAULT_CONFIG = dict(BLOCK=64, num_warps=4, num_stages=2, ROUND=False, ROW_STORE=True, WIDE=True,
                       HOIST_W=False, BLOCKS_PER_PROG=1)
@@ -288,7 +284,7 @@ def _launch(src, hyper, w1, b1, ln_w, ln_b, ln_eps: float, w2, b2, grid_w: int, 
     biases, ln_w/ln_b/ln_eps the LayerNorm2d between them; ``grid_w`` is w. ``config``
     (benchmarks) overrides :data:`DEFAULT_CONFIG`.
     """
-    if not (src.is_cuda or _interpreting()):
+    if not (src.is_cuda or interpreting()):
         raise RuntimeError(
             "upscaling='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); use "
             "upscaling='conv' on the CPU."
@@ -309,24 +305,19 @@ def _launch(src, hyper, w1, b1, ln_w, ln_b, ln_eps: float, w2, b2, grid_w: int, 
     hyper = hyper.to(dt)
     gh = N // grid_w
     out = torch.empty(B, T, 4 * gh, 4 * grid_w, device=src.device, dtype=dt)
-    if config is None:
-        try:
-            return _run(src, hyper, w1p, b1, ln_w, ln_b, ln_eps, w2p, b2, grid_w, out,
-                        FALLBACK_CONFIG if _use_fallback else DEFAULT_CONFIG)
-        except OutOfResources:
-            if _use_fallback:
-                raise
-            _fall_back()
-            return _run(src, hyper, w1p, b1, ln_w, ln_b, ln_eps, w2p, b2, grid_w, out, FALLBACK_CONFIG)
-    unknown = set(config) - set(DEFAULT_CONFIG)
-    if unknown:
-        raise ValueError(f"upscale: unknown config keys {sorted(unknown)}")
-    return _run(src, hyper, w1p, b1, ln_w, ln_b, ln_eps, w2p, b2, grid_w, out, dict(DEFAULT_CONFIG, **config))
-
-
-def _fall_back():
+    args = (src, hyper, w1p, b1, ln_w, ln_b, ln_eps, w2p, b2, grid_w, out)
+    if config is not None:
+        unknown = set(config) - set(DEFAULT_CONFIG)
+        if unknown:
+            raise ValueError(f"upscale: unknown config keys {sorted(unknown)}")
+        return _run(*args, dict(DEFAULT_CONFIG, **config))
     global _use_fallback
-    _use_fallback = True
+    if not _use_fallback:
+        try:
+            return _run(*args, DEFAULT_CONFIG)
+        except OutOfResources:
+            _use_fallback = True
+    return _run(*args, FALLBACK_CONFIG)
 
 
 def _run(src, hyper, w1p, b1, ln_w, ln_b, ln_eps, w2p, b2, grid_w, out, cfg):

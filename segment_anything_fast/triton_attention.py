@@ -18,7 +18,6 @@ Launch parameters are picked by :func:`kernel_config` from the GPU generation an
 (a table written from measurements, nothing pickled, no autotuning at run time). Under
 ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (tests).
 """
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -26,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .attention import register_backend
-from .triton_env import use_torch_ptxas
+from .triton_env import interpreting, use_torch_ptxas
 
 _LOG2E = 1.4426950408889634
 
@@ -176,9 +175,6 @@ def kernel_config(n_tokens: int, grid_w: int, head_dim: int, capability: Tuple[i
     return dict(BLOCK_M=64, ROWS=max(1, 32 // wp), num_warps=4, num_stages=2)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def _launch(
     q: torch.Tensor,
@@ -193,7 +189,7 @@ def _launch(
     q, k, v: (B, heads, N, d) with N = H * W; rel_h (B, heads, N, H), rel_w (B, heads, N, W).
     ``config`` overrides :func:`kernel_config` (used by the tuning benchmark).
     """
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or interpreting()):
         raise RuntimeError(
             "The 'triton' attention backend needs CUDA tensors (or TRITON_INTERPRET=1 for the "
             "Triton interpreter on CPU); use attention='flex' or 'sdpa' on the CPU."

@@ -1,5 +1,13 @@
-"""Triton set-up shared by our kernels (``triton_attention``, ``fused_upscale``)."""
+"""Triton set-up shared by our kernels (``triton_attention``, ``fused_upscale``,
+``decoder_attention``, ``fused_postprocess``)."""
 import functools
+import os
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``): our kernels then run on CPU
+    tensors (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache

@@ -161,10 +161,10 @@ class ScenePool:
             self.executor.shutdown(cancel_futures=True)
 
 
-def sample_prompts(masks, centers, counts, k, gen):
+def sample_prompts(masks, centers, counts, k, gen, center_prob=0.3):
     """``k`` objects per image (drawn with replacement among its ``counts``), each with a point
-    (the center point with p=0.3, else a uniformly random pixel of the object) and a box (the
-    mask's tight box, each side moved by N(0, 0.1 x box side), clipped to +-20 px).
+    (the center point with p=``center_prob``, else a uniformly random pixel of the object) and a
+    box (the mask's tight box, each side moved by N(0, 0.1 x box side), clipped to +-20 px).
     Returns gt masks (n*k, S, S), points (n*k, 2) and boxes (n*k, 4) as (x, y) pixels."""
     n, dev, s = masks.shape[0], masks.device, masks.shape[-1]
     obj = (torch.rand(n, k, generator=gen, device=dev) * counts[:, None]).long()
@@ -172,7 +172,7 @@ def sample_prompts(masks, centers, counts, k, gen):
     gt = masks[rows, obj].flatten(0, 1)
     pix = torch.multinomial(gt.flatten(1).float(), 1, generator=gen)[:, 0]
     rand_pt = torch.stack([pix % s, pix // s], dim=1).float()
-    use_center = torch.rand(n * k, 1, generator=gen, device=dev) < 0.3
+    use_center = torch.rand(n * k, 1, generator=gen, device=dev) < center_prob
     pts = torch.where(use_center, centers[rows, obj].flatten(0, 1), rand_pt)
     boxes = batched_mask_to_box(gt).float()  # objects are never empty
     side = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
@@ -199,7 +199,7 @@ def mask_losses(sam, low, gt, valid):
     return loss, iou
 
 
-def prompt_batch(sam, batch, k, gen):
+def prompt_batch(sam, batch, k, gen, center_prob=0.3):
     """The eager, random half of a step: normalised padded images (n, 3, S, S), ``k`` prompted
     objects per image (:func:`sample_prompts`) and each prompt's valid-pixel mask (n*k, S, S)."""
     images, masks, centers, counts, hw = batch
@@ -207,7 +207,7 @@ def prompt_batch(sam, batch, k, gen):
     ar = torch.arange(s, device=images.device)
     valid = (ar[None, :, None] < hw[:, :1, None]) & (ar[None, None, :] < hw[:, 1:, None])
     x = (images.float() - sam.pixel_mean) / sam.pixel_std * valid[:, None]
-    gt, pts, boxes = sample_prompts(masks, centers, counts, k, gen)
+    gt, pts, boxes = sample_prompts(masks, centers, counts, k, gen, center_prob)
     return x, pts, boxes, gt, valid.repeat_interleave(k, dim=0)
 
 
@@ -236,10 +236,10 @@ def model_loss(sam, x, pts, boxes, gt, valid, k: int):
     return total / (2 * n_pts)
 
 
-def train_step(sam, batch, k, gen, loss_fn=model_loss):
+def train_step(sam, batch, k, gen, loss_fn=model_loss, center_prob=0.3):
     """batch: ``ScenePool.batch`` output on the model's device; returns the mean loss.
     Nothing in a step waits on the host."""
-    return loss_fn(sam, *prompt_batch(sam, batch, k, gen), k)
+    return loss_fn(sam, *prompt_batch(sam, batch, k, gen, center_prob), k)
 
 
 def save_checkpoint(sam, cfg, path, meta):
@@ -249,7 +249,7 @@ def save_checkpoint(sam, cfg, path, meta):
     _write_atomic(path, _serialized({"model": sd, "config": c, "meta": meta}))
 
 
-SCHEDULE_FLAGS = ("steps", "minutes", "batch", "prompts", "lr", "seed")
+SCHEDULE_FLAGS = ("steps", "minutes", "batch", "prompts", "lr", "seed", "center_prob")
 
 
 def _serialized(obj) -> bytes:
@@ -312,7 +312,7 @@ def load_state(path, args, parser):
         saved = state["schedule"]
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         parser.error(f"--resume: {path!r} is not a train_demo --state file ({type(e).__name__}: {e}).")
-    diff = [f"--{f} {saved[f]} (now {getattr(args, f)})" for f in SCHEDULE_FLAGS if saved[f] != getattr(args, f)]
+    diff = [f"--{f.replace('_', '-')} {saved[f]} (now {getattr(args, f)})" for f in SCHEDULE_FLAGS if saved[f] != getattr(args, f)]
     if diff:
         parser.error("--resume: pass the schedule flags of the run being resumed: " + ", ".join(diff) + ".")
     return state
@@ -327,6 +327,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4, help="images per step")
     p.add_argument("--prompts", type=int, default=6, help="objects prompted per image")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--center-prob", type=float, default=0.3,
+                   help="share of point prompts at the object's center point (the evaluation's "
+                        "point); the rest are random object pixels (default 0.3)")
     p.add_argument("--pool", type=int, default=400, help="pre-generated training scenes")
     p.add_argument("--refresh-every", type=int, default=2, help="replace one pool scene every N steps")
     p.add_argument("--workers", type=int, default=0,
@@ -357,6 +360,8 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1.")
     if args.workers < 0:
         p.error("--workers must be >= 0.")
+    if not 0 <= args.center_prob <= 1:
+        p.error(f"--center-prob must lie in [0, 1], got {args.center_prob}.")
     if args.batch > args.pool:
         p.error(f"--batch {args.batch} is larger than --pool {args.pool}; a batch takes distinct scenes.")
     if args.state_part_mb is not None and (args.state_part_mb <= 0 or args.state is None):
@@ -413,7 +418,7 @@ def main(argv=None):
            and time.time() - t_part < part_s):
         batch = pool.batch(args.batch, gen)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            loss = train_step(sam, batch, args.prompts, gen, loss_fn)
+            loss = train_step(sam, batch, args.prompts, gen, loss_fn, args.center_prob)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
@@ -450,6 +455,7 @@ def main(argv=None):
     meta = {"steps": step, "train_seconds": round(train_s, 1), "heldout_scenes": args.heldout,
             "heldout_objects": int(ious.numel()), "heldout_point_miou": round(miou, 4),
             "seed": args.seed, "batch": args.batch, "prompts": args.prompts, "lr": args.lr,
+            "center_prob": args.center_prob,
             "scenes_made": pool.next, "schedule_finished": finished}
     save_checkpoint(sam.cpu(), cfg, args.out, meta)
     print(f"trained {step} steps in {train_s / 60:.1f} min; held-out point-prompt mIoU "

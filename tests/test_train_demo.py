@@ -40,6 +40,8 @@ def test_bad_arguments_are_refused(tmp_path):
         td.main(["--steps", "0", "--out", str(tmp_path / "x.pt")])
     with pytest.raises(SystemExit):
         td.main(["--out", str(tmp_path / "missing" / "x.pt")])
+    with pytest.raises(SystemExit):
+        td.main(["--center-prob", "1.5", "--out", str(tmp_path / "x.pt")])
     with pytest.raises(SystemExit):  # parts of a state that is not written
         td.main(["--state-part-mb", "15", "--out", str(tmp_path / "x.pt")])
 
@@ -95,6 +97,12 @@ def test_pool_batches_and_prompts_are_consistent():
         tight = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
         side = (tight[2:] - tight[:2]).repeat(2)
         assert ((boxes[0] - tight).abs() <= torch.minimum(side * 0.6, torch.tensor(20.0)) + 1e-4).all()
+        state = gen.get_state()  # --center-prob 1: every point is its object's center point
+        gt1, pts1, _ = td.sample_prompts(masks, centers, counts, 5, gen, center_prob=1.0)
+        gen.set_state(state)
+        obj = [next(j for j in range(int(counts[b])) if torch.equal(masks[b, j], gt1[b * 5 + i]))
+               for b in range(4) for i in range(5)]
+        assert torch.equal(pts1, torch.stack([centers[r // 5, j] for r, j in enumerate(obj)]))
     assert 0 < flipped < 24
 
 

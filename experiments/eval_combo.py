@@ -48,6 +48,7 @@ from segment_anything_fast.data.coco_prompts import (  # noqa: E402
 )
 from segment_anything_fast.compile import DEFAULT_DECODER_BUCKETS, POSTPROCESS_BACKENDS, compile_function  # noqa: E402
 from segment_anything_fast.utils.amg import to_device  # noqa: E402
+from segment_anything_fast.utils.transforms import ResizeLongestSide  # noqa: E402
 from segment_anything_fast.validation import check_checkpoint_arg, check_output_path  # noqa: E402
 from segment_anything_fast.distributed import (  # noqa: E402
     DEFAULT_TIMEOUT_S, DistContext, RankFailedError, finish, init_distributed, print_failure,
@@ -338,6 +339,24 @@ def warm_up_decoders(sam, mode: str, counts: List[List[int]], batch_size: int, d
     return len(sizes)
 
 
+@torch.inference_mode()
+def warm_up_postprocess(sam, image_sizes, device, dtype) -> int:
+    """Run ``sam.masks_from_logits`` at every distinct (H, W) image size in ``image_sizes`` (the
+    dataset's) with 1, 2 and 3 masks, on inference tensors as :func:`predict_batch` does, so
+    that the compiled post-processing's recompiles (automatic dynamic shapes, the 1-mask
+    specialisation) fall before the timing. Returns how many calls ran."""
+    h, w = sam.prompt_encoder.image_embedding_size
+    long_side = sam.image_encoder.img_size
+    calls = 0
+    for size in sorted(set(image_sizes)):
+        input_size = ResizeLongestSide.get_preprocess_shape(*size, long_side)
+        for k in (1, 2, 3):
+            low = torch.zeros(k, 1, 4 * h, 4 * w, device=device, dtype=dtype)
+            sam.masks_from_logits(low, input_size, size)
+            calls += 1
+    return calls
+
+
 def decode_packed(sam, embeddings, image_index, sparse, dense):
     """Mask decoder over prompts of several images in one call.
 
@@ -541,8 +560,12 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
         counts = [[len(dataset.anns.get(i, [])) for i in ids[k:k + args.batch_size]]
                   for k in range(0, len(ids), args.batch_size)]
         n = warm_up_decoders(sam, args.prompt_batching, counts, args.batch_size, device, dtype)
+        info = dataset.coco.loadImgs(ids)
+        sizes = [(im["height"], im["width"]) for im in info if "height" in im and "width" in im]
+        n_post = warm_up_postprocess(sam, sizes, device, dtype)
         if ctx.is_main:
-            print(f"compiled the decoder at {n} padded prompt count(s) before timing", file=sys.stderr)
+            print(f"compiled the decoder at {n} padded prompt count(s) and ran the post-processing "
+                  f"at {n_post // 3} image size(s) before timing", file=sys.stderr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -149,6 +149,37 @@ def test_warm_up_runs_every_padded_shape_once(synth):
     assert calls == [8, 16]
 
 
+def test_post_processing_warm_up_leaves_no_compile_for_the_timing():
+    """warm_up_postprocess: after it, masks of any warmed image size and any mask count reuse
+    the compiled post-processing (a compile inside the timing cost 4x in session 9)."""
+    from segment_anything_fast.compile import compile_postprocess
+
+    args = ec.build_parser().parse_args(["--coco-root", "unused", "--model-type", "tiny", "--device", "cpu"])
+    sam = ec.build_model(args, verbose=False)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compile_postprocess(sam, backend=backend)
+    sizes = [(120, 160), (90, 160), (160, 120), (120, 160)]
+    assert ec.warm_up_postprocess(sam, sizes, torch.device("cpu"), torch.float32) == 9
+    warmed = len(graphs)
+    assert warmed >= 2
+    h, w = sam.prompt_encoder.image_embedding_size
+    for k in (1, 2, 4, 7):
+        for size in sizes[:3]:
+            inp = ec.ResizeLongestSide.get_preprocess_shape(*size, sam.image_encoder.img_size)
+            with torch.inference_mode():  # as predict_batch runs it, on inference tensors
+                low = torch.randn(k, 1, 4 * h, 4 * w)
+                got = sam.masks_from_logits(low, inp, size)
+            assert got.shape == (k, 1, *size) and got.dtype == torch.bool
+            assert torch.equal(got, sam.postprocess_masks(low, inp, size) > sam.mask_threshold)
+    assert len(graphs) == warmed  # nothing compiled after the warm-up
+
+
 def test_end_to_end_csv_row_and_cache(synth, tmp_path, capsys):
     args = _args(synth, tmp_path, "--batch-size", "2", "--num-workers", "1",
                  "--prompt-batching", "nested", "--limit", "4")

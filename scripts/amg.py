@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--fast", action="store_true",
                    help="CUDA only: build with build_sam_fast (bf16, fused attention, "
-                        "torch.compile) and compile the mask scoring; the first image includes "
-                        "compile time")
+                        "torch.compile); the first image includes compile time. On CUDA the "
+                        "mask scoring runs as our Triton kernels with or without it")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random weights when there is no --checkpoint (default 0)")
     p.add_argument("--convert-to-rle", action="store_true",
@@ -465,8 +465,7 @@ def _main(args, ctx: DistContext) -> int:
             print("demo model: AMG settings " + ", ".join(f"{k}={v}" for k, v in settings.items())
                   + " (its defaults; pass the flags to change them)", file=sys.stderr)
         generator = SamAutomaticMaskGenerator(
-            sam, output_mode="coco_rle" if args.convert_to_rle else "binary_mask",
-            postprocess_compile_mode="default" if args.fast else None, **settings)
+            sam, output_mode="coco_rle" if args.convert_to_rle else "binary_mask", **settings)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
         setup_error = str(e)
     if setup_error is None:

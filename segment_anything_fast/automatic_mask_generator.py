@@ -116,6 +116,9 @@ class SamAutomaticMaskGenerator:
     chunks of exactly ``3 * points_per_batch`` rows. ``postprocess="triton"`` (CUDA) runs both
     as our kernels instead (``fused_postprocess.mask_scores`` / ``masks_from_logits``: no
     full-resolution intermediate at all); ``postprocess_compile_mode`` must then be None.
+    ``postprocess=None`` (the default) picks "triton" for a model on CUDA without
+    ``postprocess_compile_mode`` (vit_h on an H200: scoring + rendering 7.5 ms instead of 12.5
+    per image, the same masks), else "torch".
     """
 
     def __init__(
@@ -135,7 +138,7 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         postprocess_compile_mode: Optional[str] = None,
-        postprocess: str = "torch",
+        postprocess: Optional[str] = None,
     ) -> None:
         grids = validation.check_amg_params(
             points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
@@ -159,6 +162,9 @@ class SamAutomaticMaskGenerator:
 
         from .compile import POSTPROCESS_BACKENDS
 
+        if postprocess is None:
+            on_cuda = model.device.type == "cuda"
+            postprocess = "triton" if on_cuda and postprocess_compile_mode is None else "torch"
         if postprocess not in POSTPROCESS_BACKENDS:
             raise ValueError(f"postprocess must be 'torch' or 'triton', got {postprocess!r}.")
         if postprocess == "triton" and postprocess_compile_mode is not None:

@@ -342,6 +342,21 @@ def test_compiled_postprocess_gives_the_same_records(models):
         SamAutomaticMaskGenerator(ours, postprocess_compile_mode="fastest")
 
 
+def test_default_postprocess_follows_the_model_device(models, monkeypatch):
+    """postprocess=None: the torch ops for a CPU model, our Triton scoring for a CUDA model
+    unless postprocess_compile_mode asks for inductor's."""
+    from segment_anything_fast import fused_postprocess
+    from segment_anything_fast.modeling.sam import Sam
+
+    ours, _ = models
+    assert SamAutomaticMaskGenerator(ours, **BASE)._scores is amg_mod._mask_scores
+    monkeypatch.setattr(Sam, "device", property(lambda self: torch.device("cuda")))
+    assert SamAutomaticMaskGenerator(ours, **BASE)._scores is fused_postprocess.mask_scores
+    compiled = SamAutomaticMaskGenerator(ours, postprocess_compile_mode="default", **BASE)
+    assert compiled._scores is not fused_postprocess.mask_scores
+    assert compiled._scores is not amg_mod._mask_scores
+
+
 def test_compiled_rendering_matches_eager(models):
     """postprocess_compile_mode also renders the survivors (upscale, threshold, area) through a
     compiled _render_masks on chunks of one padded shape: the masks and areas equal the eager

@@ -555,17 +555,21 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
         persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
     warmup = args.warmup_batches if args.warmup_batches is not None else (
         3 if args.compile != "none" else 1)
+    ids = dataset.image_ids
     if args.compile != "none":
-        ids = dataset.image_ids
         counts = [[len(dataset.anns.get(i, [])) for i in ids[k:k + args.batch_size]]
                   for k in range(0, len(ids), args.batch_size)]
         n = warm_up_decoders(sam, args.prompt_batching, counts, args.batch_size, device, dtype)
-        info = dataset.coco.loadImgs(ids)
-        sizes = [(im["height"], im["width"]) for im in info if "height" in im and "width" in im]
-        n_post = warm_up_postprocess(sam, sizes, device, dtype)
         if ctx.is_main:
-            print(f"compiled the decoder at {n} padded prompt count(s) and ran the post-processing "
-                  f"at {n_post // 3} image size(s) before timing", file=sys.stderr)
+            print(f"compiled the decoder at {n} padded prompt count(s) before timing", file=sys.stderr)
+    if args.compile != "none" or args.postprocess == "triton":
+        # compiled, the torch post-processing recompiles for new sizes; the Triton kernel is
+        # JIT-specialised on them (divisibility of the sizes) either way
+        info = dataset.coco.loadImgs(ids)
+        sizes = {(im["height"], im["width"]) for im in info if "height" in im and "width" in im}
+        warm_up_postprocess(sam, sizes, device, dtype)
+        if ctx.is_main:
+            print(f"ran the post-processing at {len(sizes)} image size(s) before timing", file=sys.stderr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -161,7 +161,10 @@ class ScenePool:
             self.executor.shutdown(cancel_futures=True)
 
 
-def sample_prompts(masks, centers, counts, k, gen, center_prob=0.3):
+CENTER_PROB = 0.3  # default share of point prompts at the object's center point
+
+
+def sample_prompts(masks, centers, counts, k, gen, center_prob=CENTER_PROB):
     """``k`` objects per image (drawn with replacement among its ``counts``), each with a point
     (the center point with p=``center_prob``, else a uniformly random pixel of the object) and a
     box (the mask's tight box, each side moved by N(0, 0.1 x box side), clipped to +-20 px).
@@ -199,7 +202,7 @@ def mask_losses(sam, low, gt, valid):
     return loss, iou
 
 
-def prompt_batch(sam, batch, k, gen, center_prob=0.3):
+def prompt_batch(sam, batch, k, gen, center_prob=CENTER_PROB):
     """The eager, random half of a step: normalised padded images (n, 3, S, S), ``k`` prompted
     objects per image (:func:`sample_prompts`) and each prompt's valid-pixel mask (n*k, S, S)."""
     images, masks, centers, counts, hw = batch
@@ -236,7 +239,7 @@ def model_loss(sam, x, pts, boxes, gt, valid, k: int):
     return total / (2 * n_pts)
 
 
-def train_step(sam, batch, k, gen, loss_fn=model_loss, center_prob=0.3):
+def train_step(sam, batch, k, gen, loss_fn=model_loss, center_prob=CENTER_PROB):
     """batch: ``ScenePool.batch`` output on the model's device; returns the mean loss.
     Nothing in a step waits on the host."""
     return loss_fn(sam, *prompt_batch(sam, batch, k, gen, center_prob), k)
@@ -327,9 +330,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4, help="images per step")
     p.add_argument("--prompts", type=int, default=6, help="objects prompted per image")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--center-prob", type=float, default=0.3,
+    p.add_argument("--center-prob", type=float, default=CENTER_PROB,
                    help="share of point prompts at the object's center point (the evaluation's "
-                        "point); the rest are random object pixels (default 0.3)")
+                        f"point); the rest are random object pixels (default {CENTER_PROB})")
     p.add_argument("--pool", type=int, default=400, help="pre-generated training scenes")
     p.add_argument("--refresh-every", type=int, default=2, help="replace one pool scene every N steps")
     p.add_argument("--workers", type=int, default=0,

@@ -10,7 +10,7 @@ import torch
 
 from .attention import check_backend
 from .build_sam import SamConfig, build_sam, demo_weights
-from .compile import DEFAULT_DECODER_BUCKETS, POSTPROCESS_BACKENDS, make_fast
+from .compile import DEFAULT_DECODER_BUCKETS, check_postprocess, make_fast
 
 
 def _resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -118,9 +118,7 @@ def build_sam_fast(
         decoder_attention = "triton" if dev.type == "cuda" and _decoder_triton_ok(sam) else "sdpa"
     if postprocess is None:
         postprocess = "triton" if dev.type == "cuda" else "torch"
-    if postprocess not in POSTPROCESS_BACKENDS:
-        raise ValueError(f"postprocess must be one of {POSTPROCESS_BACKENDS}, got {postprocess!r}.")
-    if postprocess == "triton" and dev.type != "cuda":
+    if check_postprocess(postprocess) == "triton" and dev.type != "cuda":
         raise ValueError("postprocess='triton' needs device='cuda'; use 'torch' on the CPU.")
     if decoder_attention == "triton" and dev.type != "cuda":
         raise ValueError("decoder_attention='triton' needs device='cuda'; use 'sdpa' on the CPU.")

@@ -65,13 +65,18 @@ def compile_postprocess(sam: nn.Module, mode: str = "default", backend: str = "i
 POSTPROCESS_BACKENDS = ("torch", "triton")
 
 
+def check_postprocess(backend: str) -> str:
+    """``backend`` if it is one of :data:`POSTPROCESS_BACKENDS`, else a ValueError."""
+    if backend not in POSTPROCESS_BACKENDS:
+        raise ValueError(f"postprocess must be one of {POSTPROCESS_BACKENDS}, got {backend!r}.")
+    return backend
+
+
 def set_postprocess(sam: nn.Module, backend: str, compile_mode: Optional[str] = None) -> nn.Module:
     """How ``sam.masks_from_logits`` runs: ``"torch"`` (``Sam.postprocess_masks`` + threshold,
     compiled with ``compile_mode`` unless None) or ``"triton"`` (``fused_postprocess``: one
     kernel from low-res logits to full-resolution masks, CUDA only; ``compile_mode`` unused)."""
-    if backend not in POSTPROCESS_BACKENDS:
-        raise ValueError(f"postprocess must be one of {POSTPROCESS_BACKENDS}, got {backend!r}.")
-    if backend == "triton":
+    if check_postprocess(backend) == "triton":
         from .fused_postprocess import masks_from_logits
 
         sam._masks_fn = masks_from_logits

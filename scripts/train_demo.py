@@ -3,7 +3,7 @@
 
 Point prompts (a random interior pixel or the center point; multimask output, loss on the
 best of the three masks) and noisy box prompts (single-mask output), the SAM losses
-(20 x focal + dice on masks, MSE between predicted and actual IoU), AdamW with warmup and
+(20 x focal + dice on masks, MSE between predicted and actual IoU, weighted by --iou-weight), AdamW with warmup and
 cosine decay. Deterministic for a given --seed when --steps ends the run before --minutes does.
 Writes {"model": fp16 state dict, "config": SamConfig fields, "meta": run facts}, all plain types
 (torch.load(weights_only=True); build_sam(SamConfig(**config), path) loads it), and prints the
@@ -162,6 +162,7 @@ class ScenePool:
 
 
 CENTER_PROB = 0.3  # default share of point prompts at the object's center point
+IOU_WEIGHT = 1.0  # default weight of the IoU-prediction MSE (SAM's)
 
 
 def sample_prompts(masks, centers, counts, k, gen, center_prob=CENTER_PROB):
@@ -214,9 +215,11 @@ def prompt_batch(sam, batch, k, gen, center_prob=CENTER_PROB):
     return x, pts, boxes, gt, valid.repeat_interleave(k, dim=0)
 
 
-def model_loss(sam, x, pts, boxes, gt, valid, k: int):
+def model_loss(sam, x, pts, boxes, gt, valid, k: int, iou_weight: float = IOU_WEIGHT):
     """Mean loss of the model on one :func:`prompt_batch` (a pure tensor function, so
-    ``--compile`` can compile it whole, backward included).
+    ``--compile`` can compile it whole, backward included): the best of the point prompt's
+    three mask losses, the box prompt's mask loss, and ``iou_weight`` x the MSE of every
+    predicted IoU.
 
     The prompts of all images (a point, multimask, and a box, single mask, per sampled object)
     go through one decoder call.
@@ -235,14 +238,14 @@ def model_loss(sam, x, pts, boxes, gt, valid, k: int):
     total = 0.0
     for low_k, iou_k in ((low[:n_pts, 1:], iou_pred[:n_pts, 1:]), (low[n_pts:, :1], iou_pred[n_pts:, :1])):
         loss, iou = mask_losses(sam, low_k.float(), gt, valid)
-        total = total + loss.min(dim=1).values.sum() + F.mse_loss(iou_k.float(), iou, reduction="none").mean(1).sum()
+        total = total + loss.min(dim=1).values.sum() + iou_weight * F.mse_loss(iou_k.float(), iou, reduction="none").mean(1).sum()
     return total / (2 * n_pts)
 
 
-def train_step(sam, batch, k, gen, loss_fn=model_loss, center_prob=CENTER_PROB):
+def train_step(sam, batch, k, gen, loss_fn=model_loss, center_prob=CENTER_PROB, iou_weight=IOU_WEIGHT):
     """batch: ``ScenePool.batch`` output on the model's device; returns the mean loss.
     Nothing in a step waits on the host."""
-    return loss_fn(sam, *prompt_batch(sam, batch, k, gen, center_prob), k)
+    return loss_fn(sam, *prompt_batch(sam, batch, k, gen, center_prob), k, iou_weight)
 
 
 def save_checkpoint(sam, cfg, path, meta):
@@ -252,7 +255,7 @@ def save_checkpoint(sam, cfg, path, meta):
     _write_atomic(path, _serialized({"model": sd, "config": c, "meta": meta}))
 
 
-SCHEDULE_FLAGS = ("steps", "minutes", "batch", "prompts", "lr", "seed", "center_prob")
+SCHEDULE_FLAGS = ("steps", "minutes", "batch", "prompts", "lr", "seed", "center_prob", "iou_weight")
 
 
 def _serialized(obj) -> bytes:
@@ -315,7 +318,7 @@ def load_state(path, args, parser):
         saved = state["schedule"]
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         parser.error(f"--resume: {path!r} is not a train_demo --state file ({type(e).__name__}: {e}).")
-    diff = [f"--{f.replace('_', '-')} {saved[f]} (now {getattr(args, f)})" for f in SCHEDULE_FLAGS if saved[f] != getattr(args, f)]
+    diff = [f"--{f.replace('_', '-')} {saved.get(f)} (now {getattr(args, f)})" for f in SCHEDULE_FLAGS if saved.get(f) != getattr(args, f)]
     if diff:
         parser.error("--resume: pass the schedule flags of the run being resumed: " + ", ".join(diff) + ".")
     return state
@@ -333,6 +336,9 @@ def main(argv=None):
     p.add_argument("--center-prob", type=float, default=CENTER_PROB,
                    help="share of point prompts at the object's center point (the evaluation's "
                         f"point); the rest are random object pixels (default {CENTER_PROB})")
+    p.add_argument("--iou-weight", type=float, default=IOU_WEIGHT,
+                   help="weight of the IoU-prediction MSE against the mask losses (default "
+                        f"{IOU_WEIGHT}, SAM's); a larger one trains the choice among the three masks harder")
     p.add_argument("--pool", type=int, default=400, help="pre-generated training scenes")
     p.add_argument("--refresh-every", type=int, default=2, help="replace one pool scene every N steps")
     p.add_argument("--workers", type=int, default=0,
@@ -365,6 +371,8 @@ def main(argv=None):
         p.error("--workers must be >= 0.")
     if not 0 <= args.center_prob <= 1:
         p.error(f"--center-prob must lie in [0, 1], got {args.center_prob}.")
+    if not args.iou_weight >= 0:
+        p.error(f"--iou-weight must be >= 0, got {args.iou_weight}.")
     if args.batch > args.pool:
         p.error(f"--batch {args.batch} is larger than --pool {args.pool}; a batch takes distinct scenes.")
     if args.state_part_mb is not None and (args.state_part_mb <= 0 or args.state is None):
@@ -421,7 +429,7 @@ def main(argv=None):
            and time.time() - t_part < part_s):
         batch = pool.batch(args.batch, gen)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            loss = train_step(sam, batch, args.prompts, gen, loss_fn, args.center_prob)
+            loss = train_step(sam, batch, args.prompts, gen, loss_fn, args.center_prob, args.iou_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
@@ -458,7 +466,7 @@ def main(argv=None):
     meta = {"steps": step, "train_seconds": round(train_s, 1), "heldout_scenes": args.heldout,
             "heldout_objects": int(ious.numel()), "heldout_point_miou": round(miou, 4),
             "seed": args.seed, "batch": args.batch, "prompts": args.prompts, "lr": args.lr,
-            "center_prob": args.center_prob,
+            "center_prob": args.center_prob, "iou_weight": args.iou_weight,
             "scenes_made": pool.next, "schedule_finished": finished}
     save_checkpoint(sam.cpu(), cfg, args.out, meta)
     print(f"trained {step} steps in {train_s / 60:.1f} min; held-out point-prompt mIoU "

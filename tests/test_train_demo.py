@@ -42,6 +42,8 @@ def test_bad_arguments_are_refused(tmp_path):
         td.main(["--out", str(tmp_path / "missing" / "x.pt")])
     with pytest.raises(SystemExit):
         td.main(["--center-prob", "1.5", "--out", str(tmp_path / "x.pt")])
+    with pytest.raises(SystemExit):
+        td.main(["--iou-weight", "-1", "--out", str(tmp_path / "x.pt")])
     with pytest.raises(SystemExit):  # parts of a state that is not written
         td.main(["--state-part-mb", "15", "--out", str(tmp_path / "x.pt")])
 
@@ -159,3 +161,23 @@ def test_compiled_model_loss_matches_eager():
         grads.append(torch.cat([p.grad.flatten() for p in sam.parameters() if p.grad is not None]))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-4)
+
+
+def test_iou_weight_scales_only_the_iou_term():
+    """--iou-weight w: loss(w) = masks + w x IoU-MSE, so the loss is linear in w with a positive
+    slope, and at w = 0 the IoU head gets no gradient."""
+    from tests.oracle import TINY
+
+    td = _script()
+    sam = build_sam(TINY).train()
+    pool = td.ScenePool(2, TINY.image_size, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    inputs = td.prompt_batch(sam, pool.batch(2, gen), 2, gen)
+    with torch.no_grad():
+        l0, l1, l3 = (td.model_loss(sam, *inputs, 2, iou_weight=w) for w in (0.0, 1.0, 3.0))
+    assert l1 > l0
+    torch.testing.assert_close(l3 - l0, 3 * (l1 - l0), rtol=1e-4, atol=1e-6)
+    sam.zero_grad()
+    td.model_loss(sam, *inputs, 2, iou_weight=0.0).backward()
+    head = sam.mask_decoder.iou_prediction_head.parameters()
+    assert all(p.grad is None or not p.grad.any() for p in head)

@@ -240,7 +240,9 @@ class InductorSettings:
     ``torch.compile`` itself).
     """
 
-    force_fuse_int_mm_with_mul: Optional[bool] = None  # fuse int8 matmul with its rescale (int8_dynamic)
+    # fuse int8 matmul with its rescale (int8_dynamic); torch 2.11-2.14 keep the name but no
+    # longer register the pattern that reads it, so there it changes nothing (README)
+    force_fuse_int_mm_with_mul: Optional[bool] = None
     coordinate_descent_tuning: Optional[bool] = None  # refine Triton kernel configs after autotuning
     coordinate_descent_check_all_directions: Optional[bool] = None  # widen that search
     epilogue_fusion: Optional[bool] = None  # fuse pointwise epilogues into matmul templates

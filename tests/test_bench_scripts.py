@@ -161,7 +161,7 @@ def test_run_experiments_cpu_smoke(tmp_path):
     assert all(float(r["img_per_s_model"]) > 0 and 0 <= float(r["miou"]) <= 1 for r in csv_rows)
     for r in csv_rows:  # the encoder alone is timed in the same run, and the pipeline ratio derived
         ratio = float(r["img_per_s_end_to_end"]) / float(r["img_per_s_encoder_only"])
-        assert float(r["end_to_end_vs_encoder"]) == pytest.approx(ratio, rel=1e-3)
+        assert float(r["end_to_end_vs_encoder"]) == pytest.approx(ratio, rel=1e-3, abs=6e-5)  # stored to 4 decimals
     md = (out / "waterfall.md").read_text()
     assert "e2e / encoder" in md
     assert "| tiny | fp32 |" in md and "| tiny | bf16 |" in md

@@ -34,7 +34,7 @@ if REPO not in sys.path:
 
 from segment_anything_fast.build_sam import SAM_CONFIGS, build_sam
 from segment_anything_fast.data.demo_scenes import (
-    MAX_OBJECTS, heldout_scenes, one_thread_worker, point_prompt_ious, scene_arrays,
+    MAX_OBJECTS, PACKED_META, heldout_scenes, one_thread_worker, packed_scene, point_prompt_ious,
 )
 from segment_anything_fast.utils.amg import batched_mask_to_box
 
@@ -66,16 +66,31 @@ class ScenePool:
     initial pool in parallel; later, fresh scenes swapped in as they finish, which makes the
     run depend on timing); with 0, :meth:`refresh` makes one scene in the loop. Scenes are
     numbered from ``start`` (a resumed run continues where the first part stopped).
+
+    Scenes travel packed (``pack_scene``: image + label map, one small meta row); the scenes of
+    one refresh go to the device in one copy from a reused pinned buffer and are unpacked
+    there, so a refresh costs the training loop a few kernel launches, not a copy per array.
     """
+
+    STAGE = 16  # scenes per staging buffer (initial fill chunk; >= max_swaps)
 
     def __init__(self, size, long_side, seed, workers=0, max_swaps=4, device="cpu", start=0):
         self.long_side, self.seed, self.next, self.max_swaps = long_side, seed, start, max_swaps
         s, m = long_side, MAX_OBJECTS
+        device = torch.device(device)
         self.images = torch.zeros(size, 3, s, s, dtype=torch.uint8, device=device)
         self.masks = torch.zeros(size, m, s, s, dtype=torch.bool, device=device)
         self.centers = torch.zeros(size, m, 2, device=device)
         self.counts = torch.zeros(size, dtype=torch.long, device=device)
         self.hw = torch.zeros(size, 2, dtype=torch.long, device=device)
+        self.labels = torch.arange(1, m + 1, dtype=torch.uint8, device=device)[:, None, None]
+        # Two pinned staging buffers, each reused once the copy that last read it has run (a
+        # plain .to(cuda) from pageable memory would wait for all queued GPU work instead).
+        cuda, cap = device.type == "cuda", max(self.STAGE, max_swaps)
+        self.stages = [(torch.zeros(cap, 4, s, s, dtype=torch.uint8, pin_memory=cuda),
+                        torch.zeros(cap, PACKED_META, pin_memory=cuda),
+                        torch.cuda.Event() if cuda else None) for _ in range(2)]
+        self.stage_i = 0
         self.executor, self.pending = None, []
         if workers:
             import concurrent.futures
@@ -86,59 +101,67 @@ class ScenePool:
             self.pending = [self._submit() for _ in range(size + 4 * workers)]
         filled = 0
         while filled < size:
-            arrays = self._take() if self.executor else self._make_next()
-            if arrays is not None:
-                self._put(filled, arrays)
-                filled += 1
+            chunk = []
+            while len(chunk) < min(cap, size - filled):
+                packed = self._take() if self.executor else self._make_next()
+                if packed is not None:
+                    chunk.append(packed)
+            self._put(range(filled, filled + len(chunk)), chunk)
+            filled += len(chunk)
 
     def __len__(self):
         return self.images.shape[0]
 
     def _make_next(self):
         self.next += 1
-        return scene_arrays(self.seed, self.next - 1, self.long_side)
+        return packed_scene(self.seed, self.next - 1, self.long_side)
 
     def _submit(self):
         self.next += 1
-        return self.executor.submit(scene_arrays, self.seed, self.next - 1, self.long_side)
+        return self.executor.submit(packed_scene, self.seed, self.next - 1, self.long_side)
 
     def _take(self):
         """The oldest pending worker scene (waits for it), replaced by a new submission."""
-        arrays = self.pending.pop(0).result()
+        packed = self.pending.pop(0).result()
         self.pending.append(self._submit())
-        return arrays
+        return packed
 
-    def _put(self, slot, arrays):
+    def _put(self, slots, scenes):
+        """Write packed scenes to pool slots in order (a later scene for the same slot wins)."""
+        last = {int(slot): i for i, slot in enumerate(slots)}
+        n = len(last)
+        px, meta, done = self.stages[self.stage_i]
+        self.stage_i ^= 1
+        if done is not None:
+            done.synchronize()  # the previous copy out of this buffer has run
+        px_np, meta_np = px.numpy(), meta.numpy()
+        for j, (slot, i) in enumerate(last.items()):
+            px_np[j], meta_np[j] = scenes[i]
+            meta_np[j, 0] = slot
         dev = self.images.device
-        # Pinned + non_blocking on CUDA: a plain .to(cuda) waits for the GPU to finish all
-        # queued work, which would stall the training loop at every refresh.
-        img, masks, centers = (
-            torch.from_numpy(a).pin_memory().to(dev, non_blocking=True) if dev.type == "cuda"
-            else torch.from_numpy(a) for a in arrays)
-        k, (h, w) = masks.shape[0], img.shape[-2:]
-        if k > MAX_OBJECTS:
-            raise ValueError(f"scene has {k} objects; the pool holds at most {MAX_OBJECTS}.")
-        self.images[slot].zero_()
-        self.images[slot, :, :h, :w] = img
-        self.masks[slot].zero_()
-        self.masks[slot, :k, :h, :w] = masks
-        self.centers[slot, :k] = centers
-        self.counts[slot] = k
-        self.hw[slot, 0], self.hw[slot, 1] = h, w
+        d_px, d_meta = px[:n].to(dev, non_blocking=True), meta[:n].to(dev, non_blocking=True)
+        if done is not None:
+            done.record()
+        idx = d_meta[:, 0].long()  # distinct slots: the scatter is deterministic
+        self.images[idx] = d_px[:, :3]
+        self.masks[idx] = d_px[:, 3, None] == self.labels
+        self.counts[idx] = d_meta[:, 1].long()
+        self.hw[idx] = d_meta[:, 2:4].long()
+        self.centers[idx] = d_meta[:, 4:].view(n, -1, 2)
 
     def refresh(self, rng):
         """Put the next scene (or up to ``max_swaps`` finished worker scenes) in random slots."""
         if self.executor is None:
-            arrays = self._make_next()
-            if arrays is not None:
-                self._put(int(rng.integers(len(self))), arrays)
-            return
-        for _ in range(self.max_swaps):  # bounded, so the training loop never waits on data
-            if not (self.pending and self.pending[0].done()):
-                break
-            arrays = self._take()
-            if arrays is not None:
-                self._put(int(rng.integers(len(self))), arrays)
+            scenes = [self._make_next()]
+        else:
+            scenes = []
+            for _ in range(self.max_swaps):  # bounded, so the training loop never waits on data
+                if not (self.pending and self.pending[0].done()):
+                    break
+                scenes.append(self._take())
+        scenes = [sc for sc in scenes if sc is not None]
+        if scenes:
+            self._put([int(rng.integers(len(self))) for _ in scenes], scenes)
 
     def batch(self, n, gen):
         """``n`` distinct random scenes, each flipped left-right (within its width) with p=0.5:
@@ -347,9 +370,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default="sam_demo.pt")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model + loss of a step (fewer, fused kernels; compiling "
-                        "takes a minute or two, so only for long runs)")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead"], metavar="MODE",
+                   help="torch.compile the model + loss of a step, forward and backward (fewer, "
+                        "fused kernels; compiling takes a minute or two, so only for long runs). "
+                        "MODE reduce-overhead also replays them as CUDA graphs, which takes the "
+                        "kernel launches off the host (on CPU it acts as default)")
     p.add_argument("--stop-after", type=float, default=None, metavar="MIN",
                    help="stop this process after MIN minutes of training, before the schedule "
                         "ends, and write --state (for machines whose jobs are shorter than --minutes)")
@@ -402,7 +428,9 @@ def main(argv=None):
         gen.set_state(resumed["gen_state"])
     print(f"generated {args.pool} scenes in {time.time() - t0:.0f}s; "
           f"{sum(p.numel() for p in sam.parameters()) / 1e6:.2f}M parameters", flush=True)
-    opt = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.999))
+    # fused: one kernel per step for the whole update on CUDA (the same AdamW arithmetic)
+    opt = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.999),
+                            fused=device.type == "cuda")
     warmup = min(100, args.steps // 10)
     step, done_s = (resumed["step"], resumed["train_seconds"]) if resumed else (0, 0.0)
     t_part = time.time()
@@ -422,11 +450,14 @@ def main(argv=None):
     if resumed:
         opt.load_state_dict(resumed["opt"])
         sched.load_state_dict(resumed["sched"])
-    loss_fn = torch.compile(model_loss) if args.compile else model_loss
+    loss_fn = torch.compile(model_loss, mode=args.compile) if args.compile else model_loss
+    graphs = args.compile == "reduce-overhead" and device.type == "cuda"
     part_s = args.stop_after * 60 if args.stop_after is not None else float("inf")
     avg = None
     while (step < args.steps and time.time() - t_train < args.minutes * 60
            and time.time() - t_part < part_s):
+        if graphs:  # a new iteration: the last step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         batch = pool.batch(args.batch, gen)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             loss = train_step(sam, batch, args.prompts, gen, loss_fn, args.center_prob, args.iou_weight)

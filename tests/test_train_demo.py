@@ -70,6 +70,72 @@ def test_worker_pool_swaps_in_fresh_scenes():
         pool.close()
 
 
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    """--compile takes an optional mode (bare: default) and hands it to torch.compile; an
+    unknown mode is refused."""
+    td = _script()
+    modes = []
+
+    def fake_compile(fn, mode=None, **kw):
+        modes.append(mode)
+        return fn
+
+    monkeypatch.setattr(td.torch, "compile", fake_compile)
+    flags = ["--steps", "2", "--pool", "2", "--batch", "2", "--prompts", "2", "--heldout", "1",
+             "--out", str(tmp_path / "x.pt")]
+    assert td.main(flags + ["--compile", "reduce-overhead"]) == 0
+    assert td.main(flags + ["--compile"]) == 0
+    assert modes == ["reduce-overhead", "default"]
+    with pytest.raises(SystemExit):
+        td.main(flags + ["--compile", "max-speed"])
+
+
+def test_pool_slots_hold_the_scenes_exactly():
+    """Packed transfer (image + label map + meta row, unpacked on the device) reproduces every
+    array of scene_arrays, padded bottom-right; a refresh that draws one slot twice keeps the
+    later scene; overlapping masks are refused rather than merged."""
+    import numpy as np
+
+    from segment_anything_fast.data.demo_scenes import pack_scene, scene_arrays
+
+    td = _script()
+
+    def check(pool, slot, index):
+        img, masks, centers = scene_arrays(0, index, 80)
+        k, (h, w) = masks.shape[0], img.shape[1:]
+        assert torch.equal(pool.images[slot, :, :h, :w], torch.from_numpy(img))
+        assert not pool.images[slot, :, h:].any() and not pool.images[slot, :, :, w:].any()
+        assert torch.equal(pool.masks[slot, :k, :h, :w], torch.from_numpy(masks))
+        assert not pool.masks[slot, k:].any() and pool.masks[slot].sum() == int(masks.sum())
+        assert torch.equal(pool.centers[slot, :k], torch.from_numpy(centers))
+        assert pool.counts[slot] == k and pool.hw[slot].tolist() == [h, w]
+
+    pool = td.ScenePool(20, 80, seed=0)  # two staging chunks (STAGE = 16)
+    assert pool.next == 20  # no scene of these seeds is empty
+    for i in range(20):
+        check(pool, i, i)
+
+    class Draws:  # an rng whose integers() returns the given slots
+        def __init__(self, slots):
+            self.slots = iter(slots)
+
+        def integers(self, n):
+            return next(self.slots)
+
+    scenes = [pool._make_next() for _ in range(3)]
+    pool._put([3, 7, 3], scenes)
+    check(pool, 3, 22)
+    check(pool, 7, 21)
+    check(pool, 4, 4)
+    pool.refresh(Draws([5]))  # workers=0: one new scene per refresh, in the drawn slot
+    check(pool, 5, 23)
+
+    img, masks, centers = scene_arrays(0, 0, 80)
+    masks = np.concatenate([masks, masks[:1]])
+    with pytest.raises(ValueError, match="overlap"):
+        pack_scene((img, masks, np.concatenate([centers, centers[:1]])), 80)
+
+
 def test_pool_batches_and_prompts_are_consistent():
     """Flips act within each image's width on image, masks and centers alike; every point lies
     in its object's mask; boxes (before noise) are the masks' tight boxes."""

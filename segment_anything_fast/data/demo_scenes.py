@@ -42,6 +42,37 @@ def scene_arrays(seed: int, index: int, long_side: int):
     return np.ascontiguousarray(sc.image.transpose(2, 0, 1)), np.stack(sc.masks), centers
 
 
+PACKED_META = 4 + 2 * MAX_OBJECTS  # slot, object count, h, w, then (x, y) per object
+
+
+def pack_scene(arrays, size: int):
+    """:func:`scene_arrays` output in one fixed-size form, cheap to send between processes and
+    to the GPU in one copy: pixels (4, size, size) uint8, the image padded bottom-right and then
+    a label map (0 background, j + 1 object j: the demo masks are visible parts, so disjoint),
+    and meta (PACKED_META,) float32: [slot (set by the receiver), K, h, w, centers...]."""
+    img, masks, centers = arrays
+    k, (h, w) = masks.shape[0], img.shape[-2:]
+    if k > MAX_OBJECTS:
+        raise ValueError(f"scene has {k} objects; the packed form holds at most {MAX_OBJECTS}.")
+    if h > size or w > size:
+        raise ValueError(f"scene is {h}x{w}, larger than the packed size {size}.")
+    if masks.sum(0, dtype=np.int32).max(initial=0) > 1:
+        raise ValueError("scene masks overlap; the packed label map holds disjoint masks only.")
+    px = np.zeros((4, size, size), np.uint8)
+    px[:3, :h, :w] = img
+    px[3, :h, :w] = (masks * np.arange(1, k + 1, dtype=np.uint8)[:, None, None]).max(0, initial=0)
+    meta = np.zeros(PACKED_META, np.float32)
+    meta[1:4] = k, h, w
+    meta[4:4 + 2 * k] = centers.ravel()
+    return px, meta
+
+
+def packed_scene(seed: int, index: int, long_side: int):
+    """:func:`pack_scene` of scene ``(seed, index)``; None for a scene without objects."""
+    arrays = scene_arrays(seed, index, long_side)
+    return None if arrays is None else pack_scene(arrays, long_side)
+
+
 def one_thread_worker() -> None:
     """Initializer of scene worker processes: one thread each (OpenCV and torch default to all
     cores, which starves the training process when several workers run)."""

@@ -467,7 +467,8 @@ def main(argv=None):
         opt.step()
         sched.step()
         step += 1
-        avg = loss.detach() if avg is None else 0.98 * avg + 0.02 * loss.detach()  # no sync
+        loss = loss.detach()  # with CUDA graphs, a graph output: its memory is reused next step
+        avg = loss.clone() if avg is None else 0.98 * avg + 0.02 * loss  # new tensors; no sync
         if step % args.refresh_every == 0:
             pool.refresh(rng)
         if step % 50 == 0:

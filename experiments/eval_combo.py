@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import bench_encoder  # noqa: E402  (shared helper: profile)
 
 from segment_anything_fast.data.coco_prompts import (  # noqa: E402
-    CenterPointCache, CocoPointPromptDataset, collate_list, load_coco, mask_iou,
+    CenterPointCache, CocoPointPromptDataset, load_coco, mask_iou,
     select_annotations,
 )
 from segment_anything_fast.compile import DEFAULT_DECODER_BUCKETS, POSTPROCESS_BACKENDS, compile_function  # noqa: E402
@@ -282,8 +282,10 @@ def build_model(args, verbose: bool = True):
         sam.mask_decoder = compile_mask_decoder(sam.mask_decoder, mode=dec_mode)
         # nested mode: the total prompt count of a batch is padded to a bucket (static shapes,
         # one graph per bucket, all compiled before the timing by warm_up_decoders).
-        packed = compile_function(decode_packed, dec_mode, dynamic=False)
+        packed = compile_function(decode_best, dec_mode, dynamic=False)
         sam._packed_decoder = _graph_steps(packed) if dec_mode == "reduce-overhead" else packed
+        # nested mode: the padded uint8 batch normalised in one kernel (one static shape)
+        sam._normalize_batch = compile_function(normalize_batch, "default", dynamic=False)
     # the best masks' upscale + threshold: one kernel per image size when compiled (dynamic shapes)
     set_postprocess(sam, args.postprocess, "default" if args.compile != "none" else None)
     return sam
@@ -328,13 +330,15 @@ def warm_up_decoders(sam, mode: str, counts: List[List[int]], batch_size: int, d
     emb = torch.zeros(batch_size if mode == "nested" else 1, sam.prompt_encoder.embed_dim, h, w,
                       device=device, dtype=dtype)
     pe = sam.prompt_encoder.get_dense_pe()
-    packed = getattr(sam, "_packed_decoder", decode_packed)
+    packed = getattr(sam, "_packed_decoder", decode_best)
     for n in sizes:
-        labels = torch.ones(n, dtype=torch.int, device=device)
-        sparse, dense = _prompt(sam, torch.zeros(n, 2, device=device), labels)
         if mode == "nested":
-            packed(sam, emb, torch.zeros(n, dtype=torch.long, device=device), sparse, dense)
+            rows = torch.zeros(n, 4, device=device)
+            rows[:, 2] = 1  # positive points of image 0
+            packed(sam, emb, rows)
         else:
+            labels = torch.ones(n, dtype=torch.int, device=device)
+            sparse, dense = _prompt(sam, torch.zeros(n, 2, device=device), labels)
             sam.mask_decoder(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
                              dense_prompt_embeddings=dense, multimask_output=True)
     return len(sizes)
@@ -378,6 +382,74 @@ def decode_packed(sam, embeddings, image_index, sparse, dense):
     return masks, dec.iou_prediction_head(hs[:, 0, :])
 
 
+def decode_best(sam, embeddings, prompts):
+    """Prompt encoder, packed decoder and best-mask choice of a nested batch (one compiled
+    region). ``prompts`` (P, 4) float32 rows of :func:`pack_nested`: x, y, label (1 a point,
+    -1 padding), image index. Returns the (P, 1, 4h, 4w) logits of each prompt's
+    highest-predicted-IoU multimask output."""
+    labels = prompts[:, 2].to(torch.int)
+    sparse, dense = _prompt(sam, prompts[:, :2], labels)
+    low, iou = decode_packed(sam, embeddings, prompts[:, 3].to(torch.long), sparse, dense)
+    return (_best_logits(low[:, 1:], iou[:, 1:]),)
+
+
+def normalize_batch(sam, images, sizes, dtype: torch.dtype):
+    """``sam.preprocess`` of a zero-padded (B, 3, S, S) uint8 batch whose image b fills
+    ``sizes[b]`` = (h, w) (int64, (B, 2)): normalised inside, zero outside; in ``dtype``."""
+    x = (images.float() - sam.pixel_mean) / sam.pixel_std
+    r = torch.arange(images.shape[-1], device=images.device)
+    inside = (r[None, :, None] < sizes[:, 0, None, None]) & (r[None, None, :] < sizes[:, 1, None, None])
+    return torch.where(inside[:, None], x, 0.0).to(dtype)
+
+
+def pack_nested(items: List[dict], image_size: int, static_batch: Optional[int] = None) -> dict:
+    """The host side of a nested batch, in a few page-locked-ready arrays (the DataLoader
+    workers build it, see :class:`NestedCollate`): ``images`` (B, 3, S, S) uint8 zero-padded
+    to ``static_batch`` images, their ``sizes`` (B, 2), ``prompts`` (P, 4) rows x, y, label,
+    image index padded to a decoder bucket (label -1: not a point, image 0), and the packed
+    post-processing layout (``mask_table``, ``mask_scales``, ``offsets``, ``total``,
+    ``max_pixels``, ``counts``: fused_postprocess.packed_layout)."""
+    from segment_anything_fast.fused_postprocess import packed_layout
+
+    b = max(len(items), static_batch or 0)
+    images = torch.zeros((b, 3, image_size, image_size), dtype=torch.uint8)
+    sizes = torch.zeros((b, 2), dtype=torch.int64)
+    for j, it in enumerate(items):
+        h, w = it["image"].shape[-2:]
+        images[j, :, :h, :w] = it["image"]
+        sizes[j, 0], sizes[j, 1] = h, w
+    counts = [int(it["points"].shape[0]) for it in items]
+    total = sum(counts)
+    prompts = torch.zeros((_packed_bucket(total) if total else 0, 4), dtype=torch.float32)
+    if total:
+        prompts[:total, :2] = torch.cat([it["points"] for it in items])
+        prompts[:total, 2] = 1
+        prompts[total:, 2] = -1
+        prompts[:total, 3] = torch.from_numpy(np.repeat(np.arange(len(items)), counts))
+    table, scales, offsets, n_px, max_px = packed_layout(
+        sizes[:len(items)].tolist(), [it["original_size"] for it in items], counts, image_size)
+    return {"images": images, "sizes": sizes, "prompts": prompts,
+            "mask_table": torch.from_numpy(table), "mask_scales": torch.from_numpy(scales),
+            "offsets": offsets, "total": n_px, "max_pixels": max_px, "counts": counts}
+
+
+def _plain_collate(items):
+    """DataLoader ``collate_fn`` of the other modes: the batch as a list, nothing packed."""
+    return items, None
+
+
+class NestedCollate:
+    """DataLoader ``collate_fn`` of nested mode: ``(items, pack_nested(good items))``, so the
+    padding and packing run in the workers and the batch reaches the GPU in a few copies."""
+
+    def __init__(self, image_size: int, static_batch: Optional[int]):
+        self.image_size, self.static_batch = image_size, static_batch
+
+    def __call__(self, items):
+        good = [it for it in items if it["error"] is None]
+        return items, pack_nested(good, self.image_size, self.static_batch)
+
+
 def _encode(sam, images: List[torch.Tensor], device, dtype) -> torch.Tensor:
     x = torch.stack([sam.preprocess(im.to(device, non_blocking=True).float()) for im in images])
     # contiguous: the compiled encoder may return another memory layout, and the packed decoder
@@ -402,13 +474,17 @@ def _best_masks(sam, low_res, iou, input_size, original_size) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_batch(sam, items: List[dict], mode: str, device, dtype,
-                  static_batch: Optional[int] = None) -> List[torch.Tensor]:
+                  static_batch: Optional[int] = None, packed: Optional[dict] = None) -> List[torch.Tensor]:
     """(K_i, H_i, W_i) bool predicted masks for each item, one point prompt per annotation.
 
     nested: the batch's prompts are padded to a decoder bucket (label -1, not a point) and the
-    embeddings to ``static_batch`` images, so the packed decoder sees a few static shapes."""
+    images to ``static_batch``, so the compiled parts see a few static shapes; ``packed`` is
+    :func:`pack_nested` of ``items`` when the DataLoader workers built it."""
     if not items:
         return []
+    if mode == "nested":
+        return _predict_nested(sam, items, device, dtype, packed or pack_nested(
+            items, sam.image_encoder.img_size, static_batch))
     out: List[Optional[torch.Tensor]] = [None] * len(items)
     sizes = [tuple(it["image"].shape[-2:]) for it in items]
     if mode == "none":
@@ -418,37 +494,6 @@ def predict_batch(sam, items: List[dict], mode: str, device, dtype,
     for group in groups:
         emb = _encode(sam, [items[i]["image"] for i in group], device, dtype)
         pe = sam.prompt_encoder.get_dense_pe()
-        if mode == "nested":
-            # the concatenation is a new, pageable tensor: copied through page-locked memory
-            pts = to_device(torch.cat([items[i]["points"] for i in group]), device)
-            counts = [items[i]["points"].shape[0] for i in group]
-            if pts.shape[0] == 0:
-                for i in group:
-                    out[i] = torch.zeros((0, *items[i]["original_size"]), dtype=torch.bool, device=device)
-                continue
-            total = pts.shape[0]
-            pad = _packed_bucket(total) - total
-            # Built on the host and copied through page-locked memory: a copy from pageable
-            # memory, even with non_blocking=True, waits until the GPU has run the encoder
-            # queued above, and the host then launches the rest while the GPU idles (a likely
-            # cause of session 8's 36 ms of model time per batch for 26 ms of GPU work).
-            # Padding prompts use image 0.
-            # (numpy: torch.repeat_interleave took ~2 ms of host time per call in the H200 profile)
-            index = np.concatenate([np.repeat(np.arange(len(group), dtype=np.int64), counts),
-                                    np.zeros(pad, dtype=np.int64)])
-            index = to_device(index, device)
-            pts = torch.cat([pts, pts.new_zeros(pad, 2)])
-            labels = torch.ones(total + pad, dtype=torch.int, device=device)
-            labels[total:] = -1  # not a point
-            if static_batch is not None and emb.shape[0] < static_batch:
-                emb = torch.cat([emb, emb.new_zeros((static_batch - emb.shape[0],) + tuple(emb.shape[1:]))])
-            sparse, dense = _prompt(sam, pts, labels)
-            packed = getattr(sam, "_packed_decoder", decode_packed)
-            low, iou = packed(sam, emb, index, sparse, dense)
-            best = _best_logits(low[:total, 1:], iou[:total, 1:])  # real prompts, multimask outputs
-            for i, part in zip(group, best.split(counts)):
-                out[i] = sam.masks_from_logits(part, sizes[i], items[i]["original_size"])[:, 0]
-            continue
         for j, i in enumerate(group):
             pts = items[i]["points"].to(device, non_blocking=True)
             k = pts.shape[0]
@@ -466,6 +511,35 @@ def predict_batch(sam, items: List[dict], mode: str, device, dtype,
                 dense_prompt_embeddings=dense, multimask_output=True)
             out[i] = _best_masks(sam, low[:k], iou[:k], sizes[i], items[i]["original_size"])
     return out
+
+
+def _predict_nested(sam, items: List[dict], device, dtype, packed: dict) -> List[torch.Tensor]:
+    """Nested mode on a :func:`pack_nested` batch: a few host-to-device copies, the
+    normalisation kernel, the encoder and the prompt/decoder/best-mask region (CUDA graphs
+    when compiled with reduce-overhead), then one post-processing launch for every mask of
+    the batch with ``--postprocess triton`` (per image otherwise)."""
+    from segment_anything_fast.fused_postprocess import masks_from_logits as fused, packed_masks_from_logits
+
+    images, sizes = to_device(packed["images"], device), to_device(packed["sizes"], device)
+    prompts = to_device(packed["prompts"], device)
+    x = getattr(sam, "_normalize_batch", normalize_batch)(sam, images, sizes, dtype)
+    # contiguous: the compiled encoder may return another memory layout, and the packed decoder
+    # is compiled (warm_up_decoders) for contiguous embeddings; a stride change recompiles it
+    emb = sam.image_encoder(x).contiguous()
+    counts = packed["counts"]
+    if prompts.shape[0] == 0:
+        return [torch.zeros((0, *it["original_size"]), dtype=torch.bool, device=device) for it in items]
+    (best,) = getattr(sam, "_packed_decoder", decode_best)(sam, emb, prompts)
+    best = best[:sum(counts)]  # the real prompts
+    if sam._masks_fn is fused:
+        flat = packed_masks_from_logits(sam, best, to_device(packed["mask_table"], device),
+                                        to_device(packed["mask_scales"], device),
+                                        packed["total"], packed["max_pixels"])
+        return [flat[o:o + k * h * w].view(k, h, w) for o, k, (h, w) in
+                zip(packed["offsets"], counts, (it["original_size"] for it in items))]
+    hw = packed["sizes"].tolist()
+    return [sam.masks_from_logits(part, tuple(hw[j]), it["original_size"])[:, 0]
+            for j, (it, part) in enumerate(zip(items, best.split(counts)))]
 
 
 def _sync(device) -> None:
@@ -520,14 +594,15 @@ def append_csv(path: str, row: Dict[str, object]) -> None:
         w.writerow(row)
 
 
-def write_profile(args, sam, items: List[dict], device, dtype) -> str:
+def write_profile(args, sam, items: List[dict], device, dtype, packed: Optional[dict] = None) -> str:
     """``--profile N``: N calls of predict_batch and of the image encoder alone on the same
     images (as predict_batch groups them) under bench_encoder.profile; the difference is the
     prompt encoder, decoder and mask post-processing. Written atomically to
     ``<output stem>_profile.txt``; returns the path."""
     groups = [[it] for it in items] if args.prompt_batching == "none" else [items]
     runs = [(f"predict_batch ({args.prompt_batching})",
-             lambda: predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size)),
+             lambda: predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size,
+                                   packed)),
             ("image encoder alone (_encode)",
              lambda: [_encode(sam, [it["image"] for it in g], device, dtype) for g in groups])]
     model = "custom" if args.config_json else model_config(args)
@@ -552,9 +627,12 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
     Under torchrun every rank meets the others once per batch (``ctx.check``): an exception on
     one rank stops all of them, naming the rank and the batch's images.
     """
+    # nested: the workers also pad and pack the batch (NestedCollate); else a plain list
+    collate = (NestedCollate(sam.image_encoder.img_size, args.batch_size)
+               if args.prompt_batching == "nested" else _plain_collate)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-        collate_fn=collate_list, pin_memory=device.type == "cuda",
+        collate_fn=collate, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
     warmup = args.warmup_batches if args.warmup_batches is not None else (
         3 if args.compile != "none" else 1)
@@ -589,6 +667,7 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
     batches = iter(loader)
     error = None
     last_items: List[dict] = []  # the last full batch that ran (else the last one), for --profile
+    last_packed = None
     for b in range(n_steps):
         if b < n_batches and error is None:
             # The sequential loader's batch b: named up front, so a failure while loading it
@@ -596,7 +675,7 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
             ids = dataset.image_ids[b * args.batch_size:(b + 1) * args.batch_size]
             names = [dataset.coco.loadImgs(i)[0]["file_name"] for i in ids]
             try:
-                batch = next(batches)
+                batch, packed = next(batches)
                 if b == warmup:
                     _sync(device)
                     t_timed_start = time.perf_counter()
@@ -612,11 +691,12 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
                 if cuda:
                     ev[0].record()
                 t0 = time.perf_counter()
-                preds = predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size)
+                preds = predict_batch(sam, items, args.prompt_batching, device, dtype,
+                                      args.batch_size, packed)
                 if cuda:
                     ev[1].record()
                 if items and (len(items) == args.batch_size or len(last_items) < args.batch_size):
-                    last_items = items
+                    last_items, last_packed = items, packed
                 if b >= warmup:
                     if cuda:
                         events.append(ev)
@@ -646,7 +726,8 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
     if args.encoder_iters and error is None:
         encoder_ips = time_encoder(sam, args.batch_size, device, dtype, args.encoder_iters)
     if args.profile and ctx.is_main and error is None and last_items:  # after every timing
-        print(f"wrote the profile to {write_profile(args, sam, last_items, device, dtype)}",
+        path = write_profile(args, sam, last_items, device, dtype, last_packed)
+        print(f"wrote the profile to {path}",
               file=sys.stderr)
     return {
         "encoder_ips": encoder_ips,

@@ -9,7 +9,9 @@ the low-res logits directly (the 2 x 2 low-res neighbours of each of its 2 x 2 i
 neighbours, in float32, with PyTorch's source-index and weight formulas), and only the bool
 masks (or the float32 logits) are written: :func:`masks_from_logits`. :func:`mask_scores`
 reduces the same pixels to the automatic mask generator's stability scores and boxes without
-writing masks. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+writing masks. :func:`packed_masks_from_logits` does the batch of an evaluation in one launch:
+the masks of several images of different sizes, written back to back into one flat buffer
+whose layout :func:`packed_layout` computes on the host. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 from typing import Tuple
 
@@ -73,6 +75,29 @@ def _postprocess_fwd(X, O, s_xn, s_xh, s_xw, H, W, IH, IW, OH, OW, sh1, sw1, sh2
                            sh1, sw1, sh2, sw2, RESIZE)
     out = v if LOGITS else v > thr
     tl.store(O + n * OH * OW + offs, out, mask=m)
+
+
+@triton.jit
+def _packed_fwd(X, O, T, S, s_xn, s_xh, s_xw, H, W, sh1, sw1, thr, BLOCK: tl.constexpr):
+    """Program (i, n): output pixels i * BLOCK ... of mask n, which starts at flat offset
+    T[n, 0] of ``O`` and has input size T[n, 1:3], original size T[n, 3:5] and second-stage
+    scales S[n]; programs past the end of a smaller mask do nothing."""
+    n = tl.program_id(1).to(tl.int64)
+    start = tl.load(T + 5 * n)
+    ih = tl.load(T + 5 * n + 1).to(tl.int32)
+    iw = tl.load(T + 5 * n + 2).to(tl.int32)
+    oh = tl.load(T + 5 * n + 3).to(tl.int32)
+    ow = tl.load(T + 5 * n + 4).to(tl.int32)
+    if tl.program_id(0) * BLOCK < oh * ow:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        sh2 = tl.load(S + 2 * n)
+        sw2 = tl.load(S + 2 * n + 1)
+        x = X + n * s_xn
+        if (ih == oh) & (iw == ow):
+            v, m, _, _ = _full_res(x, offs, s_xh, s_xw, H, W, ih, iw, oh, ow, sh1, sw1, sh2, sw2, False)
+        else:
+            v, m, _, _ = _full_res(x, offs, s_xh, s_xw, H, W, ih, iw, oh, ow, sh1, sw1, sh2, sw2, True)
+        tl.store(O + start + offs, v > thr, mask=m)
 
 
 @triton.jit
@@ -149,6 +174,58 @@ def masks_from_logits(sam, low_res: torch.Tensor, input_size: Tuple[int, ...],
             RESIZE=(oh, ow) != (ih, iw), LOGITS=bool(return_logits), BLOCK=_BLOCK, num_warps=4,
         )
     return out.reshape(*lead, oh, ow)
+
+
+def packed_layout(input_sizes, original_sizes, counts, model_size: int):
+    """Host-side layout of :func:`packed_masks_from_logits` for ``counts[i]`` masks of image i
+    (``input_sizes[i]``: its size resized for the model, ``original_sizes[i]``: its size).
+
+    Returns ``(table, scales, offsets, total, max_pixels)``: the (P, 5) int64 rows (flat start,
+    input h, w, original h, w) and (P, 2) float32 second-stage scales of the P masks, each
+    image's start in the flat output, its length and the largest mask's pixel count."""
+    if not len(input_sizes) == len(original_sizes) == len(counts):
+        raise ValueError("packed_layout: input_sizes, original_sizes and counts differ in length.")
+    rows, scales, offsets = [], [], []
+    total = max_pixels = 0
+    for (ih, iw), (oh, ow), k in zip(input_sizes, original_sizes, counts):
+        ih, iw, oh, ow, k = int(ih), int(iw), int(oh), int(ow), int(k)
+        if not (0 < ih <= model_size and 0 < iw <= model_size and oh > 0 and ow > 0 and k >= 0):
+            raise ValueError(f"packed_layout: input size {(ih, iw)} must lie within the model's "
+                             f"{model_size}x{model_size} input, original size {(oh, ow)} be positive "
+                             f"and the mask count {k} be >= 0.")
+        offsets.append(total)
+        for j in range(k):
+            rows.append((total + j * oh * ow, ih, iw, oh, ow))
+            scales.append((_scale(ih, oh), _scale(iw, ow)))
+        total += k * oh * ow
+        if k:
+            max_pixels = max(max_pixels, oh * ow)
+    table = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
+    return table, np.asarray(scales, dtype=np.float32).reshape(-1, 2), offsets, total, max_pixels
+
+
+def packed_masks_from_logits(sam, low_res: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+                             total: int, max_pixels: int) -> torch.Tensor:
+    """Bool masks of the (P, h, w) (or (P, 1, h, w)) ``low_res`` logits, mask n at the input and
+    original size of row n of ``table`` (:func:`packed_layout`, on ``low_res``' device), written
+    flat and back to back: a (total,) tensor, one kernel launch for all P masks."""
+    x = low_res.reshape(-1, *low_res.shape[-2:]) if low_res.dim() >= 2 else low_res
+    n = x.shape[0] if x.dim() == 3 else -1
+    if n < 0 or tuple(table.shape) != (n, 5) or tuple(scales.shape) != (n, 2):
+        raise ValueError(f"packed post-processing: expected (P, h, w) logits with a (P, 5) table and "
+                         f"(P, 2) scales, got {tuple(low_res.shape)}, {tuple(table.shape)}, "
+                         f"{tuple(scales.shape)}.")
+    size = sam.image_encoder.img_size
+    h, w, _, _, _, _, (sh1, sw1, _, _) = _geometry(sam, x, (size, size), (size, size))
+    out = torch.empty(int(total), device=x.device, dtype=torch.bool)
+    table = table.to(device=x.device, dtype=torch.int64)
+    scales = scales.to(device=x.device, dtype=torch.float32)
+    if n and total:
+        for a, b in _mask_chunks(n):
+            _packed_fwd[(triton.cdiv(int(max_pixels), _BLOCK), b - a)](
+                x[a:b], out, table[a:b], scales[a:b], *x.stride(), h, w, sh1, sw1,
+                float(sam.mask_threshold), BLOCK=_BLOCK, num_warps=4)
+    return out
 
 
 def mask_scores(sam, low_res: torch.Tensor, input_size: Tuple[int, ...], original_size: Tuple[int, ...],

@@ -83,14 +83,14 @@ def test_miou_pipeline_with_oracle_and_full_predictors(tmp_path, monkeypatch):
     coco = load_coco(os.path.join(root, "annotations", "instances_val2017.json"))
     gt_areas = [coco.annToMask(a).sum() for a in coco.loadAnns(sorted(coco.getAnnIds()))]
 
-    def oracle(sam, items, mode, device, dtype, static_batch=None):
+    def oracle(sam, items, mode, device, dtype, static_batch=None, packed=None):
         return [it["gt_masks"].clone() for it in items]
 
     monkeypatch.setattr(ec, "predict_batch", oracle)
     assert ec.main(_args(root, tmp_path, "--batch-size", "2")) == 0
     assert float(_rows(tmp_path / "r.csv")[-1]["miou"]) == 1.0
 
-    def full(sam, items, mode, device, dtype, static_batch=None):
+    def full(sam, items, mode, device, dtype, static_batch=None, packed=None):
         return [torch.ones_like(it["gt_masks"]) for it in items]
 
     monkeypatch.setattr(ec, "predict_batch", full)
@@ -119,6 +119,19 @@ def test_prompt_batching_modes_agree(synth):
         out = ec.predict_batch(sam, items, mode, cpu, torch.float32, static)
         for a, b in zip(out, ref):
             assert (a ^ b).sum() <= 2, mode  # fp32 batch-order noise at most
+    # The packed host side: images zero-padded to the static batch, prompt rows padded to a
+    # decoder bucket (label -1), the normalisation equal to Sam.preprocess.
+    p = ec.pack_nested(items, 128, 5)
+    counts = [len(it["points"]) for it in items]
+    assert p["images"].shape == (5, 3, 128, 128) and p["counts"] == counts
+    assert p["prompts"].shape == (ec._packed_bucket(sum(counts)), 4)
+    assert (p["prompts"][:sum(counts), 2] == 1).all() and (p["prompts"][sum(counts):, 2] == -1).all()
+    assert p["prompts"][:sum(counts), 3].tolist() == sum(([j] * k for j, k in enumerate(counts)), [])
+    x = ec.normalize_batch(sam, p["images"], p["sizes"], torch.float32)
+    for j, it in enumerate(items):
+        torch.testing.assert_close(x[j], sam.preprocess(it["image"]))
+    assert (x[3:] == 0).all()
+    assert p["total"] == sum(k * h * w for k, (h, w) in zip(counts, (it["original_size"] for it in items)))
     # The packed decoder equals MaskDecoder on one image.
     emb = ec._encode(sam, [items[0]["image"]], cpu, torch.float32)
     pts = items[0]["points"]
@@ -135,12 +148,11 @@ def test_warm_up_runs_every_padded_shape_once(synth):
                                          "--device", "cpu"])
     sam = ec.build_model(args, verbose=False)
     seen = []
-    sam._packed_decoder = lambda s, emb, index, sparse, dense: (
-        seen.append((emb.shape[0], index.shape[0], sparse.shape[0])),
-        ec.decode_packed(s, emb, index, sparse, dense))[1]
+    sam._packed_decoder = lambda s, emb, prompts: (
+        seen.append((emb.shape[0], tuple(prompts.shape))), ec.decode_best(s, emb, prompts))[1]
     counts = [[3, 5], [20, 30], [1, 2], [200, 100]]  # totals 8, 50, 3, 300 prompts
     n = ec.warm_up_decoders(sam, "nested", counts, 2, torch.device("cpu"), torch.float32)
-    assert n == 3 and seen == [(2, 8, 8), (2, 64, 64), (2, 512, 512)]
+    assert n == 3 and seen == [(2, (8, 4)), (2, (64, 4)), (2, (512, 4))]
     assert [ec._packed_bucket(k) for k in (1, 8, 9, 256, 257, 600)] == [1, 8, 32, 256, 512, 768]
     calls = []
     sam.mask_decoder.register_forward_pre_hook(

@@ -54,6 +54,24 @@ _CHILD = textwrap.dedent(
     s2, b2 = fp.mask_scores(sam, x, (96, 128), (12, 16), 1.0)
     assert torch.equal(b1, b2) and torch.equal(s1.nan_to_num(-1), s2.nan_to_num(-1))
 
+    # the packed launch: masks of several images of different sizes back to back, each the
+    # per-image kernel's (resized or not, a mask larger than the others, an image without masks)
+    fp._BLOCK = 256  # several programs per mask at these small sizes
+    sizes = [((96, 128), (60, 80), 2), ((128, 80), (200, 125), 1), ((77, 128), (77, 128), 0),
+             ((77, 128), (77, 128), 3)]
+    table, scales, offsets, total, max_px = fp.packed_layout(
+        [a for a, _, _ in sizes], [b for _, b, _ in sizes], [k for _, _, k in sizes], 128)
+    assert max_px == 200 * 125 and total == 2 * 4800 + 25000 + 3 * 77 * 128 and offsets[2] == offsets[3]
+    x = (torch.randn(6, 4, 32, 32, generator=g) * 3)[:, 1:2]  # the best-mask slice: not contiguous
+    flat = fp.packed_masks_from_logits(sam, x, torch.from_numpy(table), torch.from_numpy(scales),
+                                       total, max_px)
+    row = 0
+    for (ins, orig, k), off in zip(sizes, offsets):
+        ref = masks_from_logits(sam, x[row:row + k, 0], ins, orig)
+        assert torch.equal(flat[off:off + ref.numel()].view(ref.shape), ref), (ins, orig)
+        row += k
+    fp._BLOCK = 1024
+
     # through the predictor: the same masks as the torch post-processing
     img = np.random.RandomState(0).randint(0, 256, (100, 150, 3), dtype=np.uint8)
     pts, lab = np.array([[30.0, 40.0], [100.0, 60.0]]), np.array([1, 0])
@@ -130,6 +148,16 @@ def test_bad_postprocess_choices():
             SamAutomaticMaskGenerator(sam, postprocess="triton")
     with pytest.raises(ValueError, match="input_size"):
         masks_from_logits(sam, torch.zeros(1, 3, 32, 32), (0, 128), (96, 128))
+    from segment_anything_fast.fused_postprocess import packed_layout, packed_masks_from_logits
+
+    with pytest.raises(ValueError, match="must lie within the model's 128x128 input"):
+        packed_layout([(96, 200)], [(60, 80)], [1], 128)
+    with pytest.raises(ValueError, match="differ in length"):
+        packed_layout([(96, 128)], [], [1], 128)
+    t, sc, _, total, mx = packed_layout([(96, 128)], [(60, 80)], [2], 128)
+    with pytest.raises(ValueError, match=r"\(P, 5\) table"):
+        packed_masks_from_logits(sam, torch.zeros(3, 32, 32), torch.from_numpy(t),
+                                 torch.from_numpy(sc), total, mx)
     with pytest.raises(ValueError, match="float logits"):
         masks_from_logits(sam, torch.zeros(1, 3, 32, 32, dtype=torch.long), (96, 128), (96, 128))
     if os.environ.get("TRITON_INTERPRET", "0") != "1":

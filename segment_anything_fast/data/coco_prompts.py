@@ -162,8 +162,3 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
         item["gt_masks"] = torch.from_numpy(np.stack(gts)) if gts else torch.zeros((0, h, w), dtype=torch.bool)
         item["ann_ids"] = ids
         return item
-
-
-def collate_list(items):
-    """Keep a batch as a list (images and prompt counts differ)."""
-    return items

@@ -451,7 +451,7 @@ class NestedCollate:
 
 
 def _encode(sam, images: List[torch.Tensor], device, dtype) -> torch.Tensor:
-    x = torch.stack([sam.preprocess(im.to(device, non_blocking=True).float()) for im in images])
+    x = torch.stack([sam.preprocess(to_device(im, device).float()) for im in images])
     # contiguous: the compiled encoder may return another memory layout, and the packed decoder
     # is compiled (warm_up_decoders) for contiguous embeddings; a stride change recompiles it
     return sam.image_encoder(x.to(dtype)).contiguous()
@@ -495,7 +495,7 @@ def predict_batch(sam, items: List[dict], mode: str, device, dtype,
         emb = _encode(sam, [items[i]["image"] for i in group], device, dtype)
         pe = sam.prompt_encoder.get_dense_pe()
         for j, i in enumerate(group):
-            pts = items[i]["points"].to(device, non_blocking=True)
+            pts = to_device(items[i]["points"], device)
             k = pts.shape[0]
             if k == 0:
                 out[i] = torch.zeros((0, *items[i]["original_size"]), dtype=torch.bool, device=device)
@@ -632,7 +632,11 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
                if args.prompt_batching == "nested" else _plain_collate)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-        collate_fn=collate, pin_memory=device.type == "cuda",
+        # pin_memory=False: the loader's pin thread page-locks every batch in a new block
+        # (cudaHostAlloc, which stalls the CUDA calls of the main thread: on the H200 a batch of
+        # 8 took 40 ms instead of its 25 ms of GPU work, worse at batch 32); to_device pins in the
+        # caching host allocator, whose blocks are reused by the next batches of the same size
+        collate_fn=collate, pin_memory=False,
         persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None)
     warmup = args.warmup_batches if args.warmup_batches is not None else (
         3 if args.compile != "none" else 1)
@@ -705,7 +709,7 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
                     n_timed += len(items)
                 for it, pred in zip(items, preds):
                     if pred.shape[0]:
-                        gt = it["gt_masks"].to(device, non_blocking=True)
+                        gt = to_device(it["gt_masks"], device)
                         # stays on the device: no sync per image
                         ious.append((it["image_id"], mask_iou(pred, gt)))
                 n_images += len(items)

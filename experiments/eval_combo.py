@@ -412,16 +412,11 @@ def pack_nested(items: List[dict], image_size: int, static_batch: Optional[int] 
     from segment_anything_fast.fused_postprocess import packed_layout
 
     b = max(len(items), static_batch or 0)
-    # empty, then only the padding zeroed: each byte of this fresh 3 MB per image is written
-    # once (torch.zeros + copy wrote it twice; page faults of fresh memory dominate the cost)
-    images = torch.empty((b, 3, image_size, image_size), dtype=torch.uint8)
-    images[len(items):] = 0
+    images = torch.zeros((b, 3, image_size, image_size), dtype=torch.uint8)
     sizes = torch.zeros((b, 2), dtype=torch.int64)
     for j, it in enumerate(items):
         h, w = it["image"].shape[-2:]
         images[j, :, :h, :w] = it["image"]
-        images[j, :, h:, :] = 0
-        images[j, :, :h, w:] = 0
         sizes[j, 0], sizes[j, 1] = h, w
     counts = [int(it["points"].shape[0]) for it in items]
     total = sum(counts)

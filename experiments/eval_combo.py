@@ -520,15 +520,15 @@ def _predict_nested(sam, items: List[dict], device, dtype, packed: dict) -> List
     the batch with ``--postprocess triton`` (per image otherwise)."""
     from segment_anything_fast.fused_postprocess import masks_from_logits as fused, packed_masks_from_logits
 
+    counts = packed["counts"]
+    if not sum(counts):  # nothing to segment: no encoder run either
+        return [torch.zeros((0, *it["original_size"]), dtype=torch.bool, device=device) for it in items]
     images, sizes = to_device(packed["images"], device), to_device(packed["sizes"], device)
     prompts = to_device(packed["prompts"], device)
     x = getattr(sam, "_normalize_batch", normalize_batch)(sam, images, sizes, dtype)
     # contiguous: the compiled encoder may return another memory layout, and the packed decoder
     # is compiled (warm_up_decoders) for contiguous embeddings; a stride change recompiles it
     emb = sam.image_encoder(x).contiguous()
-    counts = packed["counts"]
-    if prompts.shape[0] == 0:
-        return [torch.zeros((0, *it["original_size"]), dtype=torch.bool, device=device) for it in items]
     (best,) = getattr(sam, "_packed_decoder", decode_best)(sam, emb, prompts)
     best = best[:sum(counts)]  # the real prompts
     if sam._masks_fn is fused:

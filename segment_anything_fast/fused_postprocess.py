@@ -124,6 +124,17 @@ def _scale(n_in: int, n_out: int) -> float:
     return float(np.float32(n_in) / np.float32(n_out))
 
 
+def _checked_sizes(input_size, original_size, size: int) -> Tuple[int, int, int, int]:
+    """(ih, iw, oh, ow) as ints; a ValueError unless the input size lies within the model's
+    ``size`` x ``size`` input and the original size is positive."""
+    ih, iw = int(input_size[0]), int(input_size[1])
+    oh, ow = int(original_size[0]), int(original_size[1])
+    if not (0 < ih <= size and 0 < iw <= size and oh > 0 and ow > 0):
+        raise ValueError(f"fused post-processing: input_size {tuple(input_size)} must lie within the "
+                         f"model's {size}x{size} input and original_size {tuple(original_size)} be positive.")
+    return ih, iw, oh, ow
+
+
 def _geometry(sam, low_res: torch.Tensor, input_size, original_size):
     """Checked sizes and PyTorch's float32 scales of the two bilinear stages."""
     if low_res.dim() < 2 or not low_res.dtype.is_floating_point:
@@ -131,11 +142,7 @@ def _geometry(sam, low_res: torch.Tensor, input_size, original_size):
                          f"{tuple(low_res.shape)} {low_res.dtype}.")
     size = sam.image_encoder.img_size
     h, w = low_res.shape[-2], low_res.shape[-1]
-    ih, iw = int(input_size[0]), int(input_size[1])
-    oh, ow = int(original_size[0]), int(original_size[1])
-    if not (0 < ih <= size and 0 < iw <= size and oh > 0 and ow > 0):
-        raise ValueError(f"fused post-processing: input_size {tuple(input_size)} must lie within the "
-                         f"model's {size}x{size} input and original_size {tuple(original_size)} be positive.")
+    ih, iw, oh, ow = _checked_sizes(input_size, original_size, size)
     if not (low_res.is_cuda or interpreting()):
         raise RuntimeError(
             "postprocess='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); use "
@@ -187,12 +194,11 @@ def packed_layout(input_sizes, original_sizes, counts, model_size: int):
         raise ValueError("packed_layout: input_sizes, original_sizes and counts differ in length.")
     rows, scales, offsets = [], [], []
     total = max_pixels = 0
-    for (ih, iw), (oh, ow), k in zip(input_sizes, original_sizes, counts):
-        ih, iw, oh, ow, k = int(ih), int(iw), int(oh), int(ow), int(k)
-        if not (0 < ih <= model_size and 0 < iw <= model_size and oh > 0 and ow > 0 and k >= 0):
-            raise ValueError(f"packed_layout: input size {(ih, iw)} must lie within the model's "
-                             f"{model_size}x{model_size} input, original size {(oh, ow)} be positive "
-                             f"and the mask count {k} be >= 0.")
+    for input_size, original_size, k in zip(input_sizes, original_sizes, counts):
+        ih, iw, oh, ow = _checked_sizes(input_size, original_size, model_size)
+        k = int(k)
+        if k < 0:
+            raise ValueError(f"packed_layout: mask counts must be >= 0, got {k}.")
         offsets.append(total)
         for j in range(k):
             rows.append((total + j * oh * ow, ih, iw, oh, ow))

@@ -60,9 +60,10 @@ from segment_anything_fast.distributed import (  # noqa: E402
 MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "default", "tiny", "auto")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 PROMPT_BATCHING = ("nested", "padded", "none")
+PREPROCESS_BACKENDS = ("host", "triton")
 CSV_FIELDS = (
     "timestamp", "model_type", "checkpoint", "device", "dtype", "compile", "attention",
-    "upscaling", "decoder_attention", "postprocess", "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
+    "upscaling", "decoder_attention", "postprocess", "preprocess", "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
     "n_annotations", "n_skipped_images", "warmup_batches", "timed_images", "miou",
     "img_per_s_model", "img_per_s_end_to_end", "img_per_s_encoder_only", "end_to_end_vs_encoder",
     "peak_gpu_memory_mib", "gpu_name",
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the best masks' upscale + threshold: torch (the ops of Sam.postprocess_masks; "
                         "compiled with any --compile) or triton (segment_anything_fast.fused_postprocess: "
                         "one kernel from low-res logits to full-resolution masks, CUDA only; default torch)")
+    m.add_argument("--preprocess", default="host",
+                   help="the images' resize + normalisation + padding: host (the data workers resize "
+                        "with PIL, as the original predictor does) or triton "
+                        "(segment_anything_fast.fused_preprocess: the workers send the decoded images "
+                        "as they are and one kernel resizes them with PIL's arithmetic, normalises "
+                        "and pads the batch; CUDA and --prompt-batching nested only; default host)")
     m.add_argument("--prompt-batching", default="padded",
                    help="how the decoder sees the prompts of a batch. "
                         "padded: encoder on the whole batch, then one decoder call per image with "
@@ -217,6 +224,11 @@ def validate_args(args, parser) -> None:
         parser.error("--postprocess triton needs --device cuda; use --postprocess torch on the CPU.")
     if args.prompt_batching not in PROMPT_BATCHING:
         bad("--prompt-batching", args.prompt_batching, PROMPT_BATCHING)
+    if args.preprocess not in PREPROCESS_BACKENDS:
+        bad("--preprocess", args.preprocess, PREPROCESS_BACKENDS)
+    if args.preprocess == "triton" and (args.device == "cpu" or args.prompt_batching != "nested"):
+        parser.error("--preprocess triton needs --device cuda and --prompt-batching nested (the "
+                     "kernel fills a packed batch); use --preprocess host otherwise.")
     if args.compress not in compress_modes():
         bad("--compress", args.compress, compress_modes())
     for flag in ("limit", "batch_size"):
@@ -402,22 +414,35 @@ def normalize_batch(sam, images, sizes, dtype: torch.dtype):
     return torch.where(inside[:, None], x, 0.0).to(dtype)
 
 
-def pack_nested(items: List[dict], image_size: int, static_batch: Optional[int] = None) -> dict:
+def pack_nested(items: List[dict], image_size: int, static_batch: Optional[int] = None,
+                preprocess: str = "host") -> dict:
     """The host side of a nested batch, in a few page-locked-ready arrays (the DataLoader
-    workers build it, see :class:`NestedCollate`): ``images`` (B, 3, S, S) uint8 zero-padded
-    to ``static_batch`` images, their ``sizes`` (B, 2), ``prompts`` (P, 4) rows x, y, label,
-    image index padded to a decoder bucket (label -1: not a point, image 0), and the packed
-    post-processing layout (``mask_table``, ``mask_scales``, ``offsets``, ``total``,
-    ``max_pixels``, ``counts``: fused_postprocess.packed_layout)."""
+    workers build it, see :class:`NestedCollate`): the images padded to ``static_batch``, their
+    resized ``sizes`` (B, 2), ``prompts`` (P, 4) rows x, y, label, image index padded to a
+    decoder bucket (label -1: not a point, image 0), and the packed post-processing layout
+    (``mask_table``, ``mask_scales``, ``offsets``, ``total``, ``max_pixels``, ``counts``:
+    fused_postprocess.packed_layout). The images: preprocess "host", ``images`` (B, 3, S, S)
+    uint8 zero-padded (items resized by the dataset); "triton", the items' images as decoded,
+    packed by ``fused_preprocess.pack_images`` (``pixels``, ``geometry``, ``x_coef``, ``y_coef``)."""
     from segment_anything_fast.fused_postprocess import packed_layout
+    from segment_anything_fast.fused_preprocess import pack_images
 
     b = max(len(items), static_batch or 0)
-    images = torch.zeros((b, 3, image_size, image_size), dtype=torch.uint8)
-    sizes = torch.zeros((b, 2), dtype=torch.int64)
-    for j, it in enumerate(items):
-        h, w = it["image"].shape[-2:]
-        images[j, :, :h, :w] = it["image"]
-        sizes[j, 0], sizes[j, 1] = h, w
+    if preprocess == "triton":
+        out = pack_images([it["image"].permute(1, 2, 0).numpy() for it in items], image_size, b)
+    elif preprocess == "host":
+        images = torch.zeros((b, 3, image_size, image_size), dtype=torch.uint8)
+        sizes = torch.zeros((b, 2), dtype=torch.int64)
+        for j, it in enumerate(items):
+            h, w = it["image"].shape[-2:]
+            if (h, w) != tuple(it["input_size"]):
+                raise ValueError(f"pack_nested: item {j} holds a {w}x{h} image, not resized to its input "
+                                 f"size {it['input_size']} (dataset resize=False): pack with preprocess='triton'.")
+            images[j, :, :h, :w] = it["image"]
+            sizes[j, 0], sizes[j, 1] = h, w
+        out = {"images": images, "sizes": sizes}
+    else:
+        raise ValueError(f"pack_nested: preprocess must be one of {PREPROCESS_BACKENDS}, got {preprocess!r}.")
     counts = [int(it["points"].shape[0]) for it in items]
     total = sum(counts)
     prompts = torch.zeros((_packed_bucket(total) if total else 0, 4), dtype=torch.float32)
@@ -427,10 +452,11 @@ def pack_nested(items: List[dict], image_size: int, static_batch: Optional[int] 
         prompts[total:, 2] = -1
         prompts[:total, 3] = torch.from_numpy(np.repeat(np.arange(len(items)), counts))
     table, scales, offsets, n_px, max_px = packed_layout(
-        sizes[:len(items)].tolist(), [it["original_size"] for it in items], counts, image_size)
-    return {"images": images, "sizes": sizes, "prompts": prompts,
-            "mask_table": torch.from_numpy(table), "mask_scales": torch.from_numpy(scales),
-            "offsets": offsets, "total": n_px, "max_pixels": max_px, "counts": counts}
+        out["sizes"][:len(items)].tolist(), [it["original_size"] for it in items], counts, image_size)
+    out.update({"prompts": prompts, "mask_table": torch.from_numpy(table),
+                "mask_scales": torch.from_numpy(scales), "offsets": offsets, "total": n_px,
+                "max_pixels": max_px, "counts": counts})
+    return out
 
 
 def _plain_collate(items):
@@ -442,12 +468,12 @@ class NestedCollate:
     """DataLoader ``collate_fn`` of nested mode: ``(items, pack_nested(good items))``, so the
     padding and packing run in the workers and the batch reaches the GPU in a few copies."""
 
-    def __init__(self, image_size: int, static_batch: Optional[int]):
-        self.image_size, self.static_batch = image_size, static_batch
+    def __init__(self, image_size: int, static_batch: Optional[int], preprocess: str = "host"):
+        self.image_size, self.static_batch, self.preprocess = image_size, static_batch, preprocess
 
     def __call__(self, items):
         good = [it for it in items if it["error"] is None]
-        return items, pack_nested(good, self.image_size, self.static_batch)
+        return items, pack_nested(good, self.image_size, self.static_batch, self.preprocess)
 
 
 def _encode(sam, images: List[torch.Tensor], device, dtype) -> torch.Tensor:
@@ -513,6 +539,19 @@ def predict_batch(sam, items: List[dict], mode: str, device, dtype,
     return out
 
 
+def encoder_input(sam, packed: dict, device, dtype) -> torch.Tensor:
+    """The (B, 3, S, S) encoder input of a :func:`pack_nested` batch, in ``dtype`` on ``device``:
+    its padded uint8 images normalised (compiled ``normalize_batch`` when the model is), or its
+    decoded images resized, normalised and padded by ``fused_preprocess.preprocess_packed``."""
+    if "pixels" in packed:
+        from segment_anything_fast.fused_preprocess import preprocess_packed
+
+        return preprocess_packed(sam, *(to_device(packed[k], device) for k in
+                                        ("pixels", "geometry", "x_coef", "y_coef")), dtype)
+    images, sizes = to_device(packed["images"], device), to_device(packed["sizes"], device)
+    return getattr(sam, "_normalize_batch", normalize_batch)(sam, images, sizes, dtype)
+
+
 def _predict_nested(sam, items: List[dict], device, dtype, packed: dict) -> List[torch.Tensor]:
     """Nested mode on a :func:`pack_nested` batch: a few host-to-device copies, the
     normalisation kernel, the encoder and the prompt/decoder/best-mask region (CUDA graphs
@@ -523,9 +562,8 @@ def _predict_nested(sam, items: List[dict], device, dtype, packed: dict) -> List
     counts = packed["counts"]
     if not sum(counts):  # nothing to segment: no encoder run either
         return [torch.zeros((0, *it["original_size"]), dtype=torch.bool, device=device) for it in items]
-    images, sizes = to_device(packed["images"], device), to_device(packed["sizes"], device)
     prompts = to_device(packed["prompts"], device)
-    x = getattr(sam, "_normalize_batch", normalize_batch)(sam, images, sizes, dtype)
+    x = encoder_input(sam, packed, device, dtype)
     # contiguous: the compiled encoder may return another memory layout, and the packed decoder
     # is compiled (warm_up_decoders) for contiguous embeddings; a stride change recompiles it
     emb = sam.image_encoder(x).contiguous()
@@ -605,6 +643,9 @@ def write_profile(args, sam, items: List[dict], device, dtype, packed: Optional[
                                    packed)),
             ("image encoder alone (_encode)",
              lambda: [_encode(sam, [it["image"] for it in g], device, dtype) for g in groups])]
+    if packed is not None and "pixels" in packed:  # --preprocess triton: images not resized
+        runs[1] = ("image encoder alone (fused_preprocess + encoder)",
+                   lambda: sam.image_encoder(encoder_input(sam, packed, device, dtype)))
     model = "custom" if args.config_json else model_config(args)
     head = (f"eval_combo --profile {args.profile}: {model} {device} {args.dtype} "
             f"compile {args.compile}, {len(items)} images, "
@@ -628,7 +669,7 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
     one rank stops all of them, naming the rank and the batch's images.
     """
     # nested: the workers also pad and pack the batch (NestedCollate); else a plain list
-    collate = (NestedCollate(sam.image_encoder.img_size, args.batch_size)
+    collate = (NestedCollate(sam.image_encoder.img_size, args.batch_size, args.preprocess)
                if args.prompt_batching == "nested" else _plain_collate)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -793,7 +834,8 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
         sam.prompt_encoder.input_image_size[0])
     cache_dir = None if args.cache_dir == "none" else os.path.expanduser(args.cache_dir)
     cache = CenterPointCache(cache_dir, annotations)
-    dataset = CocoPointPromptDataset(coco, image_dir, my_ids, anns, image_size, cache.points)
+    dataset = CocoPointPromptDataset(coco, image_dir, my_ids, anns, image_size, cache.points,
+                                     resize=args.preprocess == "host")
     part = _evaluate_shard(args, ctx, sam, dataset, device, dtype, len(image_ids))
     parts = ctx.gather_object(part)
     if not ctx.is_main:
@@ -837,6 +879,7 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
         "device": str(device), "dtype": args.dtype, "compile": args.compile,
         "attention": args.attention, "upscaling": args.upscaling,
         "decoder_attention": args.decoder_attention, "postprocess": args.postprocess,
+        "preprocess": args.preprocess,
         "prompt_batching": args.prompt_batching,
         "compress": args.compress, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "limit": args.limit if args.limit is not None else "",

@@ -1,7 +1,7 @@
 """Waterfall sweep of eval_combo: each step adds one technique to the previous ones.
 
     fp32 -> bf16 -> compile -> fused_attention -> batched_prompts -> fused_upscale -> fused_decoder_attention
-    -> fused_postprocess -> int8 -> fp8 -> sparse_2_4
+    -> fused_postprocess -> fused_preprocess -> int8 -> fp8 -> sparse_2_4
     (-> fp8_sparse_2_4)
 
 The compression steps each replace the previous compression (int8, then fp8, then 2:4 ...)
@@ -44,29 +44,32 @@ STEPS = (
     ("fused_upscale", {"upscaling": "<upscale>"}),
     ("fused_decoder_attention", {"decoder_attention": "<dec_attn>"}),
     ("fused_postprocess", {"postprocess": "<post>"}),
+    ("fused_preprocess", {"preprocess": "<pre>"}),
     ("int8", {"compress": "int8_dynamic"}),
     ("fp8", {"compress": "fp8"}),
     ("sparse_2_4", {"compress": "sparse_2_4"}),
     ("fp8_sparse_2_4", {"compress": "fp8_sparse_2_4"}),
 )
 BASE = {"dtype": "float32", "compile": "none", "attention": "math", "upscaling": "conv",
-        "decoder_attention": "sdpa", "postprocess": "torch", "prompt_batching": "padded", "compress": "none"}
+        "decoder_attention": "sdpa", "postprocess": "torch", "preprocess": "host", "prompt_batching": "padded",
+        "compress": "none"}
 DEFAULT_STEPS = ",".join(s for s, _ in STEPS[:-1])
 EXTRA_FIELDS = ("model", "step", "status", "seconds")
 FIELDS = EXTRA_FIELDS + tuple(f for f in eval_combo.CSV_FIELDS if f not in EXTRA_FIELDS)
 
 
 def step_settings(compile_mode: str, fused: str, upscale: str, dec_attn: str = "triton",
-                  post: str = "triton") -> Dict[str, Dict[str, str]]:
+                  post: str = "triton", pre: str = "triton") -> Dict[str, Dict[str, str]]:
     """Cumulative eval_combo settings of every step (``fused``: the fused step's attention
     backend, ``upscale``: the fused_upscale step's decoder upscaling, ``dec_attn``: the
     fused_decoder_attention step's decoder attention, ``post``: the fused_postprocess step's
-    mask post-processing)."""
+    mask post-processing, ``pre``: the fused_preprocess step's image pre-processing)."""
     out, cur = {}, dict(BASE)
     for name, change in STEPS:
         for k, v in change.items():
             cur[k] = {"<compile>": compile_mode, "<fused>": fused, "<upscale>": upscale,
-                      "<dec_attn>": dec_attn, "<post>": post}.get(v, v)
+                      "<dec_attn>": dec_attn, "<post>": post,
+                      "<pre>": pre}.get(v, v)
         out[name] = dict(cur)
     return out
 
@@ -90,10 +93,10 @@ def _num(v):
 
 
 def write_markdown(rows: List[dict], path: str) -> None:
-    lines = ["| model | step | dtype | compile | attention | upscaling | decoder attention | post-processing | "
+    lines = ["| model | step | dtype | compile | attention | upscaling | decoder attention | post-processing | pre-processing | "
              "prompts | compress | img/s model | img/s e2e | encoder alone | e2e / encoder | x fp32 | mIoU | "
              "peak MiB | status |",
-             "|" + "---|" * 18]
+             "|" + "---|" * 19]
     base = {}
     for r in rows:
         ips = _num(r.get("img_per_s_model"))
@@ -104,7 +107,7 @@ def write_markdown(rows: List[dict], path: str) -> None:
         b = base.get(r["model"])
         cells = [r["model"], r["step"], r.get("dtype", ""), r.get("compile", ""), r.get("attention", ""),
                  r.get("upscaling", ""), r.get("decoder_attention", ""), r.get("postprocess", ""),
-                 r.get("prompt_batching", ""),
+                 r.get("preprocess", ""), r.get("prompt_batching", ""),
                  r.get("compress", ""),
                  f"{ips:.1f}" if ips else "-",
                  f"{_num(r.get('img_per_s_end_to_end')):.1f}" if _num(r.get("img_per_s_end_to_end")) else "-",
@@ -248,7 +251,7 @@ def main(argv=None) -> List[dict]:
     # the fused decoder kernels need CUDA; on the CPU those steps keep the modules / SDPA
     cuda = args.device.startswith("cuda")
     settings = step_settings(args.compile_mode, fused, "triton" if cuda else "conv", "triton" if cuda else "sdpa",
-                             "triton" if cuda else "torch")
+                             "triton" if cuda else "torch", "triton" if cuda else "host")
     os.makedirs(args.out_dir, exist_ok=True)
     root = dataset(args)
     ec_csv = os.path.join(args.out_dir, "eval_combo_rows.csv")

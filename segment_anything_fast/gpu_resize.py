@@ -23,28 +23,24 @@ _PRECISION_BITS = 32 - 8 - 2  # PIL's fixed-point precision for 8-bit images
 @functools.lru_cache(maxsize=64)
 def _coefficients(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray]:
     """(first input index, fixed-point weights (out_size, taps)) of PIL's bilinear filter for
-    one axis (``precompute_coeffs`` + ``normalize_coeffs_8bpc`` of Pillow's Resample.c)."""
+    one axis (``precompute_coeffs`` + ``normalize_coeffs_8bpc`` of Pillow's Resample.c), in
+    float64 with PIL's order of operations, for all output pixels at once."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = 1.0 * filterscale  # bilinear filter support 1, widened when shrinking
     taps = int(np.ceil(support)) * 2 + 1
-    first = np.zeros(out_size, np.int64)
-    weights = np.zeros((out_size, taps), np.int64)
-    inv = 1.0 / filterscale
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)
-        xmax = min(int(center + support + 0.5), in_size) - xmin
-        w = np.array([max(0.0, 1.0 - abs((x + xmin - center + 0.5) * inv)) for x in range(xmax)])
-        total = 0.0
-        for v in w:  # summed in PIL's order
-            total += v
-        if total != 0.0:
-            w = w / total
-        fixed = np.where(w < 0, -0.5 + w * (1 << _PRECISION_BITS), 0.5 + w * (1 << _PRECISION_BITS))
-        weights[xx, :xmax] = np.trunc(fixed).astype(np.int64)
-        first[xx] = xmin
-    return first, weights
+    center = (np.arange(out_size) + 0.5) * scale
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C's int(): toward zero
+    count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+    k = np.arange(taps)
+    w = np.maximum(0.0, 1.0 - np.abs((k[None, :] + first[:, None] - center[:, None] + 0.5) * (1.0 / filterscale)))
+    w = np.where(k[None, :] < count[:, None], w, 0.0)
+    total = np.zeros(out_size)
+    for j in range(taps):  # summed tap by tap, in PIL's order
+        total = total + w[:, j]
+    w = np.where(total[:, None] != 0.0, w / np.where(total == 0.0, 1.0, total)[:, None], w)
+    fixed = np.where(w < 0, -0.5 + w * (1 << _PRECISION_BITS), 0.5 + w * (1 << _PRECISION_BITS))
+    return first, np.trunc(fixed).astype(np.int64)
 
 
 def _resample(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:

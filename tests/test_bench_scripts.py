@@ -137,9 +137,10 @@ def test_waterfall_settings_accumulate():
     assert s["fused_decoder_attention"]["decoder_attention"] == "triton"
     assert s["fused_decoder_attention"]["postprocess"] == "torch"
     assert s["fused_postprocess"]["postprocess"] == "triton"
+    assert s["fused_postprocess"]["preprocess"] == "host" and s["fused_preprocess"]["preprocess"] == "triton"
     assert s["int8"] == dict(dtype="bfloat16", compile="max-autotune", attention="triton",
                              upscaling="triton", decoder_attention="triton", postprocess="triton",
-                             prompt_batching="nested", compress="int8_dynamic")
+                             preprocess="triton", prompt_batching="nested", compress="int8_dynamic")
     assert s["fp8"]["compress"] == "fp8" and s["fp8"]["prompt_batching"] == "nested"
 
 

@@ -107,14 +107,17 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
     """One item per image: resized uint8 image, transformed center points, GT masks.
 
     Items are dicts with ``image`` (3, h, w) uint8 resized so the long side is
-    ``image_size``, ``original_size`` (H, W), ``points`` (K, 2) float in resized coordinates,
+    ``image_size`` (with ``resize=False``: the decoded (3, H, W) image, its memory (H, W, 3), for
+    ``fused_preprocess.pack_images`` to resize on the GPU), ``input_size`` (h, w) the resized size,
+    ``original_size`` (H, W), ``points`` (K, 2) float in resized coordinates,
     ``gt_masks`` (K, H, W) bool, ``ann_ids``, ``new_points`` (center points computed because the
     cache missed them), ``image_id``, ``file_name``, and ``error`` (None, or why the image
     could not be read; then the tensors are empty).
     """
 
     def __init__(self, coco, image_dir: str, image_ids: List[int], anns: Dict[int, List[dict]],
-                 image_size: int, cached_points: Optional[Dict[int, Tuple[float, float]]] = None):
+                 image_size: int, cached_points: Optional[Dict[int, Tuple[float, float]]] = None,
+                 resize: bool = True):
         from segment_anything_fast.utils.transforms import ResizeLongestSide
 
         self.coco = coco
@@ -123,6 +126,7 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
         self.anns = anns
         self.transform = ResizeLongestSide(image_size)
         self.cached = dict(cached_points or {})
+        self.resize = resize
 
     def __len__(self):
         return len(self.image_ids)
@@ -154,8 +158,10 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
             gts.append(m.astype(bool))
             pts.append(p)
             ids.append(a["id"])
-        resized = self.transform.apply_image(image)
-        item["image"] = torch.from_numpy(np.array(resized, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+        if self.resize:
+            image = np.array(self.transform.apply_image(image), dtype=np.uint8, copy=True)
+        item["image"] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        item["input_size"] = self.transform.get_preprocess_shape(h, w, self.transform.target_length)
         item["original_size"] = (h, w)
         coords = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
         item["points"] = torch.from_numpy(self.transform.apply_coords(coords, (h, w))).float()

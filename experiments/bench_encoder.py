@@ -9,6 +9,9 @@ mask decoder for a few point prompts). Also the predictor end to end (set_image 
 prompts) for the original fp32 vs ours. Writes CSV + JSON rows after every measurement.
 
     python experiments/bench_encoder.py --model vit_b --batches 1 8 32 --out-dir OUT
+
+``--ours-compress fp8 --ours-compress-linears qkv proj lin1`` compresses only those encoder
+linears (mlp.lin2 stays bf16); each row records ``compress`` and ``compress_linears``.
 """
 import argparse
 import csv
@@ -25,7 +28,20 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from segment_anything_fast.quantize import COMPRESS_MODES, ENCODER_LINEARS, check_linears  # noqa: E402
+
 T0 = time.time()
+
+# columns of the CSV (the JSON rows hold these and more)
+CSV_KEYS = ["model", "impl", "mode", "batch", "status", "compress", "compress_linears", "img_per_s",
+            "ms_per_batch", "peak_gib", "first_call_s", "cos_min", "cos_mean", "mask_iou_min",
+            "mask_iou_mean", "mask_pos_frac", "sync_free", "gpu", "torch", "commit"]
+
+
+def compress_columns(compress="none", linears=ENCODER_LINEARS):
+    """The row's ``compress`` mode and ``compress_linears`` ("qkv+proj+lin1"; "" when nothing
+    is compressed)."""
+    return dict(compress=compress, compress_linears="" if compress == "none" else "+".join(linears))
 
 
 def log(*a):
@@ -92,7 +108,8 @@ def build_peer(name, sd, mode):
     return sam, enc
 
 
-def build_ours(name, sd, attention, mode, batch, regional, compress="none"):
+def build_ours(name, sd, attention, mode, batch, regional, compress="none",
+               compress_linears=ENCODER_LINEARS):
     from segment_anything_fast.build_sam import build_sam
     from segment_anything_fast.compile import make_fast
 
@@ -101,7 +118,8 @@ def build_ours(name, sd, attention, mode, batch, regional, compress="none"):
     sam.to("cuda")
     sam.load_state_dict(sd)
     make_fast(sam, dtype=torch.bfloat16, attention=attention, compile_mode=mode,
-              batch_size=batch, regional=regional, decoder_mode=None, compress=compress)
+              batch_size=batch, regional=regional, decoder_mode=None, compress=compress,
+              compress_linears=compress_linears)
     return sam.eval(), sam.image_encoder
 
 
@@ -258,7 +276,7 @@ def predictor_e2e(sam, predictor_cls, image, coords_np, iters=10):
 # ----------------------------------------------------------------------------- main
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -274,6 +292,10 @@ def main():
     ap.add_argument("--ours-compress", nargs="+", default=["none"],
                     help="compression modes of ours (quantize.COMPRESS_MODES), each a row 'ours' "
                          "(none) or 'ours_<mode>'")
+    ap.add_argument("--ours-compress-linears", nargs="+", default=list(ENCODER_LINEARS),
+                    choices=ENCODER_LINEARS,
+                    help="encoder linears that ours' compressed rows compress (quantize.compress "
+                         "linears=), e.g. qkv proj lin1 to keep mlp.lin2 in bf16; column compress_linears")
     ap.add_argument("--ours-inductor", nargs="+", default=["default"], choices=["default", "tutorial"],
                     help="inductor settings of ours: torch's defaults and/or the torchao tutorial's "
                          "(quantize.InductorSettings.tutorial)")
@@ -288,12 +310,14 @@ def main():
     ap.add_argument("--out-dir", default="experiments/results")
     ap.add_argument("--tag", default="")
     ap.add_argument("--commit", default="", help="git commit of the code (when .git is absent)")
-    args = ap.parse_args()
-    from segment_anything_fast.quantize import COMPRESS_MODES
-
+    args = ap.parse_args(argv)
     bad = [m for m in args.ours_compress if m not in COMPRESS_MODES]
     if bad:
         ap.error(f"--ours-compress: unknown mode(s) {bad}; choose from {list(COMPRESS_MODES)}")
+    try:
+        linears = check_linears(args.ours_compress_linears, "--ours-compress-linears")
+    except ValueError as e:
+        ap.error(str(e))
     os.makedirs(args.out_dir, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -307,11 +331,8 @@ def main():
     def save():
         with open(stem + ".json", "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        keys = ["model", "impl", "mode", "batch", "status", "img_per_s", "ms_per_batch", "peak_gib",
-                "first_call_s", "cos_min", "cos_mean", "mask_iou_min", "mask_iou_mean",
-                "mask_pos_frac", "sync_free", "gpu", "torch", "commit"]
         with open(stem + ".csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
             w.writeheader()
             for r in rows:
                 w.writerow({**meta, **r})
@@ -345,20 +366,22 @@ def main():
     ref_sam.image_encoder = None
     free()
 
-    def record(impl, mode, batch, status, **kw):
-        row = dict(model=args.model, impl=impl, mode=mode, batch=batch, status=status, **kw)
+    def record(impl, mode, batch, status, compress="none", **kw):
+        row = dict(model=args.model, impl=impl, mode=mode, batch=batch, status=status,
+                   **compress_columns(compress, linears), **kw)
         rows.append(row)
         save()
         if status == "ok":
-            log(f"{impl:10s} {str(mode):28s} b{batch:<3d} {row['img_per_s']:8.1f} img/s "
+            log(f"{impl:10s} {str(mode):28s} b{batch:<3d} {row['compress_linears'] or '-':19s} "
+                f"{row['img_per_s']:8.1f} img/s "
                 f"{row['peak_gib']:6.2f} GiB first {row['first_call_s']:6.1f}s "
                 f"cos {row['cos_min']:.6f} iou {row['mask_iou_min']:.4f} sync_free {row.get('sync_free')}")
         else:
             log(f"{impl:10s} {str(mode):28s} b{batch:<3d} {status}")
 
-    def measure(impl, mode, batch, builder, dtype, sync_check=False):
+    def measure(impl, mode, batch, builder, dtype, sync_check=False, compress="none"):
         if time.time() - T0 > args.budget_s:
-            record(impl, mode, batch, "skipped (time budget of this run)")
+            record(impl, mode, batch, "skipped (time budget of this run)", compress)
             return None
         sam = enc = None
         try:
@@ -376,15 +399,15 @@ def main():
             cos = torch.nn.functional.cosine_similarity(emb.flatten(1), ref_emb.flatten(1))
             masks = decode_masks(ref_sam, emb, points)
             ious = iou(masks, ref_masks)
-            record(impl, mode, batch, "ok", img_per_s=batch * 1000.0 / ms, ms_per_batch=ms,
+            record(impl, mode, batch, "ok", compress, img_per_s=batch * 1000.0 / ms, ms_per_batch=ms,
                    peak_gib=peak, first_call_s=first, build_s=build_s,
                    cos_min=cos.min().item(), cos_mean=cos.mean().item(),
                    mask_iou_min=ious.min().item(), mask_iou_mean=ious.mean().item(),
                    mask_pos_frac=pos_frac, sync_free=sync_free)
         except torch.cuda.OutOfMemoryError:
-            record(impl, mode, batch, "OOM")
+            record(impl, mode, batch, "OOM", compress)
         except Exception as e:  # keep going: one failing combination must not lose the others
-            record(impl, mode, batch, f"error: {type(e).__name__}: {str(e)[:300]}")
+            record(impl, mode, batch, f"error: {type(e).__name__}: {str(e)[:300]}", compress)
         finally:
             del sam, enc
             torch._dynamo.reset()
@@ -418,8 +441,9 @@ def main():
                         with settings.patch():  # compilation happens at the first call, inside
                             measure(name, mode, batch,
                                     lambda: build_ours(args.model, sd, args.ours_attention,
-                                                       args.ours_mode, batch, args.ours_regional, comp),
-                                    torch.bfloat16, sync_check=True)
+                                                       args.ours_mode, batch, args.ours_regional, comp,
+                                                       linears),
+                                    torch.bfloat16, sync_check=True, compress=comp)
             else:
                 raise SystemExit(f"unknown impl {impl}")
 
@@ -461,15 +485,17 @@ def main():
                     with open(stem + f"_predictor_{post}_profile.txt", "w") as f:
                         f.write(profile(e2e, f"ours predictor e2e (postprocess {post})", cpu=True) + "\n")
                 rows.append(dict(model=args.model, impl="predictor_e2e", mode=args.ours_mode, batch=1,
-                                 postprocess=post, status="ok", orig_fp32_s=t_orig, ours_s=t_ours,
-                                 speedup=t_orig / t_ours, mask_iou_min=ious.min().item(),
-                                 mask_iou_mean=ious.mean().item(), first_and_timed_s=time.time() - t))
+                                 postprocess=post, status="ok", **compress_columns(),
+                                 orig_fp32_s=t_orig, ours_s=t_ours, speedup=t_orig / t_ours,
+                                 mask_iou_min=ious.min().item(), mask_iou_mean=ious.mean().item(),
+                                 first_and_timed_s=time.time() - t))
                 save()
                 log(f"predictor e2e (set_image + 64 points, postprocess {post}): original fp32 "
                     f"{t_orig * 1000:.1f} ms, ours {t_ours * 1000:.1f} ms, x{t_orig / t_ours:.1f}, "
                     f"mask IoU min {ious.min().item():.4f} mean {ious.mean().item():.4f}")
         except Exception as e:
-            rows.append(dict(model=args.model, impl="predictor_e2e", status=f"error: {e!r}"[:300]))
+            rows.append(dict(model=args.model, impl="predictor_e2e", status=f"error: {e!r}"[:300],
+                             **compress_columns()))
             save()
             log("predictor e2e failed:", repr(e)[:300])
 
@@ -497,7 +523,8 @@ def main():
         if peer:
             print(f"batch {b}: {impl} {mode} / competitor = {v / peer:.2f}x")
         if base and (impl != "ours" or "tutorial" in mode):
-            print(f"batch {b}: {impl} {mode} / ours bf16 = {v / base:.2f}x")
+            which = "" if impl == "ours" else f" (compressed {'+'.join(linears)})"
+            print(f"batch {b}: {impl} {mode}{which} / ours bf16 = {v / base:.2f}x")
 
 if __name__ == "__main__":
     main()

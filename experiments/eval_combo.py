@@ -66,6 +66,7 @@ CSV_FIELDS = (
     "upscaling", "decoder_attention", "postprocess", "preprocess", "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
     "n_annotations", "n_skipped_images", "warmup_batches", "timed_images", "miou",
     "img_per_s_model", "img_per_s_end_to_end", "img_per_s_encoder_only", "end_to_end_vs_encoder",
+    "loader_wait_fraction",
     "peak_gpu_memory_mib", "gpu_name",
     "torch_version", "git_commit", "annotations", "world_size", "per_rank_img_per_s",
 )
@@ -703,6 +704,7 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
     skipped: List[str] = []
     n_images = n_timed = 0
     model_time = 0.0
+    loader_wait = 0.0  # seconds the timed loop waited for the DataLoader
     events = []  # (start, end) CUDA events of the timed batches' model part
     t_timed_start = None
     new_points: Dict[int, tuple] = {}
@@ -720,7 +722,10 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
             ids = dataset.image_ids[b * args.batch_size:(b + 1) * args.batch_size]
             names = [dataset.coco.loadImgs(i)[0]["file_name"] for i in ids]
             try:
+                t_fetch = time.perf_counter()
                 batch, packed = next(batches)
+                if b > warmup:
+                    loader_wait += time.perf_counter() - t_fetch
                 if b == warmup:
                     _sync(device)
                     t_timed_start = time.perf_counter()
@@ -779,7 +784,7 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
         "rank": ctx.rank,
         "ious": [(i, t.double().cpu().numpy()) for i, t in ious],
         "skipped": skipped, "n_images": n_images, "n_timed": n_timed, "warmup": warmup,
-        "n_batches": n_batches, "model_time": model_time,
+        "n_batches": n_batches, "model_time": model_time, "loader_wait": loader_wait,
         "timed_wall": (t_end - t_timed_start) if t_timed_start is not None else 0.0,
         "new_points": new_points,
         "peak_mib": (torch.cuda.max_memory_allocated(device) / 2**20
@@ -872,6 +877,7 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
     enc = [p["encoder_ips"] for p in parts if p["encoder_ips"]]
     encoder_ips = sum(enc) if len(enc) == len(parts) else None
     e2e = n_timed / wall if n_timed and wall > 0 else None
+    waits = [p["loader_wait"] / p["timed_wall"] for p in parts if p["timed_wall"] > 0]
     row = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_type": "custom" if args.config_json else model_config(args),
@@ -891,6 +897,8 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
         "img_per_s_end_to_end": round(e2e, 4) if e2e else "",
         "img_per_s_encoder_only": round(encoder_ips, 4) if encoder_ips else "",
         "end_to_end_vs_encoder": round(e2e / encoder_ips, 4) if e2e and encoder_ips else "",
+        # the largest share of a rank's timed wall time spent waiting for its data workers
+        "loader_wait_fraction": round(max(waits), 4) if waits and n_timed else "",
         "peak_gpu_memory_mib": round(max(peaks), 1) if peaks else "",
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_version": torch.__version__, "git_commit": git_commit(args.commit),
@@ -943,6 +951,9 @@ def _report(args, ctx: DistContext, row: Dict[str, object]) -> None:
               "warm-up batch(es))")
         if ctx.world_size > 1:
             print(f"per rank (end to end img/s): {row['per_rank_img_per_s']}")
+        if row["loader_wait_fraction"] != "":
+            print(f"the loop waited for the data workers {row['loader_wait_fraction']:.1%} of that "
+                  "time (more --num-workers, or --preprocess triton, when it is large)")
     if row["img_per_s_encoder_only"] != "":
         ratio = row["end_to_end_vs_encoder"]
         print(f"image encoder alone: {row['img_per_s_encoder_only']} img/s at batch "

@@ -11,6 +11,7 @@ import torch
 from .attention import check_backend
 from .build_sam import SamConfig, build_sam, demo_weights
 from .compile import DEFAULT_DECODER_BUCKETS, check_postprocess, make_fast
+from .quantize import ENCODER_LINEARS, check_linears, check_mode
 
 
 def _resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -49,6 +50,7 @@ def build_sam_fast(
     postprocess_compile_mode: Optional[str] = "default",
     postprocess: Optional[str] = None,
     compress: str = "none",
+    compress_linears: Sequence[str] = ENCODER_LINEARS,
     compiled_package: Optional[Union[str, os.PathLike]] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
 ):
@@ -86,16 +88,23 @@ def build_sam_fast(
             vit_b on an H200: 6.9 ms vs 7.7, the same masks) and "torch" elsewhere.
         compress: image-encoder compression mode of ``quantize.COMPRESS_MODES`` (applied after
             the cast, before compiling).
+        compress_linears: which block linears ``compress`` acts on: a non-empty selection of
+            ``quantize.ENCODER_LINEARS`` ("qkv", "proj", "lin1", "lin2"; default all), e.g.
+            ``("qkv", "proj", "lin1")`` keeps ``mlp.lin2`` in bf16 under fp8 (its 4x-wide input
+            costs a run-time amax + cast). Checked, like ``compress``, before any work.
         compiled_package: an AOTInductor ``.pt2`` made by ``scripts/export_package.py`` for
             this model: attached instead of compiling (no compile in this process; a package
             built for another GPU / torch / dtype / batch raises ``aot.PackageMismatchError``).
         cache_dir: keep inductor / autotune caches in this folder so the next process reuses
             them (``aot.enable_persistent_caches``).
     """
+    check_mode(compress)
+    linears = check_linears(compress_linears, "compress_linears")
     dev = _resolve_device(device)
-    if compiled_package is not None and compress != "none":
+    if compiled_package is not None and (compress != "none" or linears != ENCODER_LINEARS):
+        given = "compress=" if compress != "none" else "compress_linears="
         raise ValueError(
-            "compress= cannot be combined with compiled_package=: the package already holds the "
+            f"{given} cannot be combined with compiled_package=: the package already holds the "
             "encoder's weights; export a package from a compressed model instead."
         )
     if cache_dir is not None:
@@ -136,6 +145,7 @@ def build_sam_fast(
         upscaling=upscaling,
         decoder_attention=decoder_attention,
         compress=compress,
+        compress_linears=linears,
         compile_mode=compile_mode,
         batch_size=batch_size,
         regional=regional,

@@ -18,6 +18,7 @@ from torch import nn
 from .attention import check_backend
 from .modeling.image_encoder import Attention as EncoderAttention
 from .modeling.mask_decoder import is_shared_dense
+from .quantize import ENCODER_LINEARS, check_linears, check_mode
 
 COMPILE_MODES = ("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default")
 DEFAULT_DECODER_BUCKETS = (1, 8, 32, 64, 128, 256)
@@ -291,6 +292,7 @@ def make_fast(
     decoder_mode: Optional[str] = "max-autotune-no-cudagraphs",
     decoder_buckets: Sequence[int] = DEFAULT_DECODER_BUCKETS,
     compress: str = "none",
+    compress_linears: Sequence[str] = ENCODER_LINEARS,
     upscaling: Optional[str] = None,
     decoder_attention: Optional[str] = None,
     postprocess_mode: Optional[str] = None,
@@ -303,8 +305,11 @@ def make_fast(
     set the predictor's mask post-processing (:func:`set_postprocess`).
 
     ``None`` for ``dtype``/``attention``/``upscaling``/``decoder_attention``/``compile_mode``/``decoder_mode`` (and
-    ``"none"`` for ``compress``) skips that step.
+    ``"none"`` for ``compress``) skips that step. ``compress_linears``: which encoder linears
+    ``compress`` acts on (``quantize.compress(linears=...)``), checked before any step.
     """
+    check_mode(compress)
+    compress_linears = check_linears(compress_linears, "compress_linears")
     if dtype is not None:
         cast_model(sam, dtype)
     if attention is not None:
@@ -316,7 +321,7 @@ def make_fast(
     if compress != "none":
         from .quantize import compress as compress_encoder
 
-        compress_encoder(sam, compress)
+        compress_encoder(sam, compress, linears=compress_linears)
     if compile_mode is not None:
         sam.image_encoder = compile_image_encoder(
             sam.image_encoder, mode=compile_mode, batch_size=batch_size, regional=regional

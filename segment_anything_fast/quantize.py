@@ -1,8 +1,16 @@
 """Compression of the SAM image encoder: torchao int8 / fp8 quantization and 2:4 sparsity.
 
-``compress(sam_or_image_encoder, mode)`` rewrites, in place, the linear layers of the image
-encoder's transformer blocks: ``blocks.N.attn.qkv``, ``blocks.N.attn.proj``,
-``blocks.N.mlp.lin1`` and ``blocks.N.mlp.lin2``. They hold nearly all of the encoder's FLOPs.
+``compress(sam_or_image_encoder, mode, linears=ENCODER_LINEARS)`` rewrites, in place, the
+linear layers of the image encoder's transformer blocks: ``blocks.N.attn.qkv``,
+``blocks.N.attn.proj``, ``blocks.N.mlp.lin1`` and ``blocks.N.mlp.lin2``. They hold nearly all
+of the encoder's FLOPs.
+
+``linears`` selects which of these kinds (``ENCODER_LINEARS``: "qkv", "proj", "lin1", "lin2")
+are compressed, in every block; the others stay as they are (model dtype, dense). Why leave
+one out: with ``fp8`` the input of ``lin2`` (the 4x-wide MLP hidden activation) needs a per-row
+amax and an fp8 cast at run time; on vit_h (H200 profile, README) that spends again most of
+what the fp8 GEMMs save, so ``linears=("qkv", "proj", "lin1")`` keeps ``lin2`` in bf16 to
+measure the trade.
 
 Left in full precision, on purpose:
   * ``patch_embed`` (a 16x16 stride-16 conv) and the ``neck`` convs: convolutions, a few
@@ -10,6 +18,7 @@ Left in full precision, on purpose:
   * the attention matmuls and relative-position tables (not weights of a linear layer);
   * the prompt encoder and mask decoder: tiny, run once per prompt on variable shapes, and
     the masks are most sensitive to their precision.
+  * the block linears that ``linears`` leaves out (see above).
 
 Modes (``COMPRESS_MODES``):
   none              unchanged (the baseline).
@@ -25,7 +34,7 @@ Modes (``COMPRESS_MODES``):
                     ``sparsity.py``), then ``torch.sparse.to_sparse_semi_structured``;
                     CUDA capability >= 8.0, bf16/fp16 model.
   fp8_sparse_2_4    2:4 pruning, then fp8 per-row with torchao's CUTLASS 2:4 fp8 kernel;
-                    CUDA capability >= 9.0 (Hopper), bf16 model. The linears become
+                    CUDA capability >= 9.0 (Hopper), bf16 model. The compressed linears become
                     ``FlatInputLinear`` (same parameters) to feed that kernel 2-D inputs.
 int8 activations combined with 2:4 sparsity is not offered: torchao 0.18 removed that layout
 (version 1 of ``Int8DynamicActivationInt8WeightConfig``).
@@ -33,10 +42,11 @@ int8 activations combined with 2:4 sparsity is not offered: torchao 0.18 removed
 torchao is imported only when a quantizing mode is asked for. torchao's own global inductor
 tuning (``set_inductor_config``) is switched off; ``InductorSettings`` is the explicit knob.
 """
+import functools
 import importlib
 import re
 from dataclasses import dataclass, fields
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -47,12 +57,48 @@ COMPRESS_MODES = ("none", "int8_dynamic", "int8_weight_only", "fp8", "sparse_2_4
 _TORCHAO_MODES = ("int8_dynamic", "int8_weight_only", "fp8", "fp8_sparse_2_4")
 _SPARSE_MODES = ("sparse_2_4", "fp8_sparse_2_4")
 
-ENCODER_LINEAR_PATTERN = re.compile(r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(lin1|lin2))")
+# the kinds of block linears, by leaf name, and the submodule of a block holding each
+ENCODER_LINEARS = ("qkv", "proj", "lin1", "lin2")
+_LINEAR_PARENT = {"qkv": "attn", "proj": "attn", "lin1": "mlp", "lin2": "mlp"}
 
 
-def encoder_linear_filter(module: nn.Module, fqn: str) -> bool:
-    """torchao-style filter: True for the image encoder's block linears (fqn relative to the encoder)."""
-    return isinstance(module, nn.Linear) and ENCODER_LINEAR_PATTERN.fullmatch(fqn) is not None
+def check_mode(mode) -> str:
+    """Return ``mode`` if it is one of ``COMPRESS_MODES``, else raise a ValueError."""
+    if not isinstance(mode, str) or mode not in COMPRESS_MODES:
+        raise ValueError(f"unknown compress mode {mode!r}; choose one of {', '.join(COMPRESS_MODES)}")
+    return mode
+
+
+def check_linears(linears: Sequence[str], arg: str = "linears") -> Tuple[str, ...]:
+    """Validate a selection of ``ENCODER_LINEARS`` (a non-empty tuple or list of unique names)
+    and return it in ``ENCODER_LINEARS`` order; ``arg`` names the argument in the ValueError."""
+    valid = ", ".join(ENCODER_LINEARS)
+    if not isinstance(linears, (tuple, list)) or not linears:
+        raise ValueError(f"{arg} must be a non-empty tuple or list of names from {valid}, got {linears!r}")
+    bad = [n for n in linears if not isinstance(n, str) or n not in ENCODER_LINEARS]
+    if bad:
+        raise ValueError(f"{arg}: unknown encoder linear(s) {', '.join(map(repr, bad))}; valid names: {valid}")
+    repeated = [n for n in ENCODER_LINEARS if list(linears).count(n) > 1]
+    if repeated:
+        raise ValueError(f"{arg} names {', '.join(map(repr, repeated))} more than once; valid names: {valid}")
+    return tuple(n for n in ENCODER_LINEARS if n in linears)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_pattern(linears: Tuple[str, ...]) -> "re.Pattern":
+    kinds = "|".join(f"{_LINEAR_PARENT[n]}\\.{n}" for n in linears)
+    return re.compile(rf"blocks\.\d+\.(?:{kinds})")
+
+
+ENCODER_LINEAR_PATTERN = _linear_pattern(ENCODER_LINEARS)
+
+
+def encoder_linear_filter(module: nn.Module, fqn: str, linears: Sequence[str] = ENCODER_LINEARS) -> bool:
+    """torchao-style filter: True for the image encoder's block linears of the kinds in
+    ``linears`` (fqn relative to the encoder). For ``quantize_(filter_fn=...)`` with a
+    selection: ``functools.partial(encoder_linear_filter, linears=...)``."""
+    pattern = _linear_pattern(check_linears(linears))
+    return isinstance(module, nn.Linear) and pattern.fullmatch(fqn) is not None
 
 
 def _encoder_of(model) -> nn.Module:
@@ -64,10 +110,12 @@ def _encoder_of(model) -> nn.Module:
     return encoder
 
 
-def encoder_linears(model) -> List[str]:
-    """Names (relative to the image encoder) of the linears ``compress`` acts on."""
+def encoder_linears(model, linears: Sequence[str] = ENCODER_LINEARS) -> List[str]:
+    """Names (relative to the image encoder) of the linears ``compress(..., linears=linears)``
+    acts on."""
     encoder = _encoder_of(model)
-    return [n for n, m in encoder.named_modules() if encoder_linear_filter(m, n)]
+    selected = check_linears(linears)
+    return [n for n, m in encoder.named_modules() if encoder_linear_filter(m, n, selected)]
 
 
 def _import_torchao():
@@ -176,30 +224,40 @@ def flatten_linear_inputs_(module: nn.Module, filter_fn) -> List[str]:
     return names
 
 
-def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor] = None) -> nn.Module:
+def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor] = None,
+             linears: Sequence[str] = ENCODER_LINEARS) -> nn.Module:
     """Compress, in place, the image-encoder linears of ``model`` (a Sam or its image encoder)
     with ``mode`` (one of ``COMPRESS_MODES``) and return ``model``.
 
     Call it on the model already moved to its final device and dtype (bf16 on GPUs) and before
     ``torch.compile``. Every check runs before any weight is changed.
+    ``linears``: the kinds of block linears to compress (a non-empty selection of
+    ``ENCODER_LINEARS``, default all); the others are left untouched (no pruning, no
+    quantization, no ``FlatInputLinear`` swap).
     ``calibration`` (2:4 modes only): a (B, 3, S, S) batch of ``sam.preprocess``-ed images; the
     encoder runs on it once and pruning then keeps, in each group of 4, the 2 weights with the
     largest ``|w| * ||input channel||`` (Wanda) instead of the largest ``|w|``.
     """
-    if not isinstance(mode, str) or mode not in COMPRESS_MODES:
-        raise ValueError(f"unknown compress mode {mode!r}; choose one of {', '.join(COMPRESS_MODES)}")
+    check_mode(mode)
+    selected = check_linears(linears)
     encoder = _encoder_of(model)
-    targets = [m for n, m in encoder.named_modules() if encoder_linear_filter(m, n)]
-    if not targets:
+    everything = [m for n, m in encoder.named_modules() if encoder_linear_filter(m, n)]
+    if not everything:
         raise ValueError(
             f"found no image-encoder linears (blocks.N.attn.qkv/proj, blocks.N.mlp.lin1/lin2) in "
             f"{type(model).__name__}; pass a Sam model or its image_encoder"
+        )
+    filter_fn = functools.partial(encoder_linear_filter, linears=selected)
+    targets = [m for n, m in encoder.named_modules() if filter_fn(m, n)]
+    if not targets:
+        raise ValueError(
+            f"found no image-encoder linears of the kinds {', '.join(selected)} in {type(model).__name__}"
         )
     if calibration is not None:
         _check_calibration(calibration, mode, encoder)
     if mode == "none":
         return model
-    for m in targets:
+    for m in everything:  # also the kinds not selected now: no second pass over a compressed model
         if type(m.weight) not in (torch.Tensor, nn.Parameter) or type(m.weight.data) is not torch.Tensor:
             raise RuntimeError(
                 f"the image encoder is already compressed (weight is {type(m.weight.data).__name__}); "
@@ -220,13 +278,13 @@ def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor]
         norms = None
         if calibration is not None:
             x = calibration.to(device=device, dtype=dtype)
-            norms = input_channel_norms(encoder, encoder_linear_filter, lambda: encoder(x))
-        prune_linears_2_4_(encoder, encoder_linear_filter, norms)
-        flatten_linear_inputs_(encoder, encoder_linear_filter)
+            norms = input_channel_norms(encoder, filter_fn, lambda: encoder(x))
+        prune_linears_2_4_(encoder, filter_fn, norms)
+        flatten_linear_inputs_(encoder, filter_fn)
     if mode == "sparse_2_4":
-        to_semi_structured_(encoder, encoder_linear_filter)
+        to_semi_structured_(encoder, filter_fn)
     else:
-        q.quantize_(encoder, _torchao_config(q, mode), filter_fn=encoder_linear_filter)
+        q.quantize_(encoder, _torchao_config(q, mode), filter_fn=filter_fn)
     return model
 
 

@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 
 import aoti_load_check  # noqa: E402
 import bench_amg  # noqa: E402
+import bench_encoder  # noqa: E402
 import cold_start  # noqa: E402
 import demo_fidelity  # noqa: E402
 import run_experiments  # noqa: E402
@@ -127,6 +128,23 @@ def test_bench_amg_bad_flags(tmp_path):
                  ["--ours-postprocess-compile", "fastest"]):
         with pytest.raises(SystemExit):
             bench_amg.main(["--device", "cpu", "--model-type", "tiny", "--out-dir", str(tmp_path)] + argv)
+
+
+def test_bench_encoder_compress_linears_columns(capsys):
+    """bench_encoder rows say which linears were compressed; bad --ours-compress-linears values
+    stop the run before any GPU work."""
+    keys = bench_encoder.CSV_KEYS
+    assert len(set(keys)) == len(keys) and {"compress", "compress_linears"} <= set(keys)
+    assert keys.index("compress") < keys.index("compress_linears") < keys.index("img_per_s")
+    assert bench_encoder.compress_columns() == {"compress": "none", "compress_linears": ""}
+    assert bench_encoder.compress_columns("fp8", ("qkv", "proj", "lin1")) == {
+        "compress": "fp8", "compress_linears": "qkv+proj+lin1"}
+    assert bench_encoder.compress_columns("int8_dynamic")["compress_linears"] == "qkv+proj+lin1+lin2"
+    for argv, err in ((["lin9"], "invalid choice: 'lin9'"), (["lin1", "lin1"], "'lin1' more than once"),
+                      ([], "expected at least one argument")):
+        with pytest.raises(SystemExit) as e:
+            bench_encoder.main(["--ours-compress", "fp8", "--ours-compress-linears", *argv])
+        assert e.value.code == 2 and err in capsys.readouterr().err
 
 
 def test_waterfall_settings_accumulate():

@@ -209,7 +209,8 @@ def test_end_to_end_csv_row_and_cache(synth, tmp_path, capsys):
     assert 0.0 <= float(row["miou"]) <= 1.0
     assert float(row["img_per_s_model"]) > 0 and float(row["img_per_s_end_to_end"]) > 0
     assert float(row["img_per_s_encoder_only"]) > 0 and float(row["end_to_end_vs_encoder"]) > 0
-    assert "image encoder alone" in out.out
+    assert 0.0 <= float(row["loader_wait_fraction"]) <= 1.0
+    assert "image encoder alone" in out.out and "waited for the data workers" in out.out
     assert row["torch_version"] == torch.__version__ and row["gpu_name"] == "cpu"
     assert row["checkpoint"].startswith("random-init")
     cache_files = os.listdir(tmp_path / "cache")

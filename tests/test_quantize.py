@@ -1,15 +1,17 @@
 """CPU tests of segment_anything_fast.quantize / sparsity on the TINY model (random weights)."""
 import copy
+import functools
 import sys
 
 import pytest
 import torch
 from torch import nn
 
-from oracle import build_pair
+from oracle import TINY, build_pair
+from segment_anything_fast import quantize
 from segment_anything_fast.quantize import (
-    COMPRESS_MODES, FlatInputLinear, InductorSettings, check_inductor_config_names, compress,
-    encoder_linear_filter, encoder_linears, flatten_linear_inputs_,
+    COMPRESS_MODES, FlatInputLinear, InductorSettings, check_inductor_config_names, check_linears,
+    compress, encoder_linear_filter, encoder_linears, flatten_linear_inputs_,
 )
 from segment_anything_fast.sparsity import (
     SPARSE_GPU_ERROR, input_channel_norms, is_2_4_sparse, mask_2_4, prune_2_4, prune_linears_2_4_,
@@ -281,3 +283,123 @@ def test_inductor_settings():
         InductorSettings(epilogue_fusion=1)
     with pytest.raises(TypeError):
         InductorSettings(unknown_option=True)
+
+
+# ----------------------------------------------------------------------------- linears= selection
+
+NO_LIN2 = ("qkv", "proj", "lin1")
+LEAF = {"qkv": "attn.qkv", "proj": "attn.proj", "lin1": "mlp.lin1", "lin2": "mlp.lin2"}
+
+
+def _names(kinds):
+    return [f"blocks.{i}.{LEAF[k]}" for i in range(4) for k in quantize.ENCODER_LINEARS if k in kinds]
+
+
+def test_linears_constant_filter_and_names(models):
+    assert quantize.ENCODER_LINEARS == ("qkv", "proj", "lin1", "lin2")
+    ours = models[0]
+    assert encoder_linears(ours, quantize.ENCODER_LINEARS) == ENCODER_LINEARS
+    assert encoder_linears(ours, NO_LIN2) == _names(NO_LIN2)
+    assert encoder_linears(ours.image_encoder, ["lin2", "qkv"]) == _names(("qkv", "lin2"))  # any order
+    lin2 = ours.image_encoder.blocks[0].mlp.lin2
+    assert encoder_linear_filter(lin2, "blocks.0.mlp.lin2")
+    assert not encoder_linear_filter(lin2, "blocks.0.mlp.lin2", NO_LIN2)
+    assert encoder_linear_filter(lin2, "blocks.0.mlp.lin2", ["lin2"])
+    assert check_linears(["lin2", "qkv"]) == ("qkv", "lin2")
+
+
+def test_int8_dynamic_leaves_unselected_linears_alone(models, batch, ref_masks):
+    sam = copy.deepcopy(models[0])
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    assert compress(sam, "int8_dynamic", linears=NO_LIN2) is sam
+    enc = sam.image_encoder
+    for name in ENCODER_LINEARS:
+        weight = enc.get_submodule(name).weight
+        if name.endswith("mlp.lin2"):
+            assert _plain(weight) and type(enc.get_submodule(name)) is nn.Linear, name
+            assert torch.equal(weight, before[f"image_encoder.{name}.weight"]), name
+        else:
+            assert not _plain(weight), name  # a torchao tensor
+    assert min_iou(masks(sam, batch), ref_masks) >= IOU_FLOOR["int8_dynamic"]
+    with pytest.raises(RuntimeError, match="already compressed"):  # lin2 alone: still refused
+        compress(sam, "int8_dynamic", linears=("lin2",))
+
+
+def test_prune_2_4_only_the_selected_linears(models):
+    sam = copy.deepcopy(models[0])
+    enc = sam.image_encoder
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    keep = ("proj", "lin2")
+    filter_fn = functools.partial(encoder_linear_filter, linears=keep)
+    norms = input_channel_norms(enc, filter_fn, lambda: enc(calibration_images(sam, 2)))
+    assert sorted(norms) == sorted(_names(keep))
+    assert prune_linears_2_4_(enc, filter_fn, norms) == _names(keep)
+    for name in ENCODER_LINEARS:
+        w = enc.get_submodule(name).weight
+        if name in _names(keep):
+            assert is_2_4_sparse(w) and torch.equal(w, prune_2_4(before[name + ".weight"], norms[name])), name
+        else:
+            assert torch.equal(w, before[name + ".weight"]) and not is_2_4_sparse(w), name
+
+
+def test_compress_2_4_modes_act_on_the_selection_only(models, monkeypatch):
+    """compress's 2:4 path on the CPU, with the GPU-only steps stubbed: Wanda pruning, the
+    FlatInputLinear swap and the sparse conversion reach the selected linears only."""
+    converted = []
+    monkeypatch.setattr(quantize, "_check_requirements", lambda mode, device, dtype: None)
+    monkeypatch.setattr(quantize, "to_semi_structured_", lambda module, filter_fn: converted.extend(
+        n for n, m in module.named_modules() if isinstance(m, nn.Linear) and filter_fn(m, n)))
+    sam = copy.deepcopy(models[0])
+    enc = sam.image_encoder
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    keep = ("qkv", "lin1")
+    compress(sam, "sparse_2_4", linears=list(reversed(keep)), calibration=calibration_images(sam, 2))
+    assert converted == _names(keep)
+    for name in ENCODER_LINEARS:
+        mod = enc.get_submodule(name)
+        selected = name in _names(keep)
+        assert (type(mod) is FlatInputLinear) == selected and type(mod) in (nn.Linear, FlatInputLinear), name
+        assert is_2_4_sparse(mod.weight) == selected, name
+        if not selected:
+            assert torch.equal(mod.weight, before[name + ".weight"]), name
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("qkv", r"non-empty tuple or list of names from qkv, proj, lin1, lin2, got 'qkv'"),
+    ((), r"non-empty tuple or list .*got \(\)"),
+    (None, r"non-empty tuple or list .*got None"),
+    (("qkv", "fc1"), r"unknown encoder linear\(s\) 'fc1'; valid names: qkv, proj, lin1, lin2"),
+    (["mlp.lin2"], r"unknown encoder linear\(s\) 'mlp.lin2'"),
+    (["qkv", 3], r"unknown encoder linear\(s\) 3"),
+    (("lin1", "qkv", "lin1"), r"names 'lin1' more than once; valid names: qkv, proj, lin1, lin2"),
+])
+def test_bad_linears_are_refused_before_any_change(models, bad, match):
+    sam = copy.deepcopy(models[0])
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    for mode in ("int8_dynamic", "none"):
+        with pytest.raises(ValueError, match=r"^linears.*" + match):
+            compress(sam, mode, linears=bad)
+    assert all(torch.equal(before[k], v) for k, v in sam.state_dict().items())
+    with pytest.raises(ValueError, match=match):
+        encoder_linears(sam, bad)
+    with pytest.raises(ValueError, match=match):
+        encoder_linear_filter(sam.image_encoder.blocks[0].mlp.lin2, "blocks.0.mlp.lin2", bad)
+
+
+def test_build_sam_fast_passes_compress_linears(tmp_path, models):
+    from segment_anything_fast.build_sam_fast import build_sam_fast
+
+    ckpt = tmp_path / "tiny.pth"
+    torch.save(models[1].state_dict(), ckpt)
+    kw = dict(dtype=None, attention="sdpa", compile_mode=None, decoder_compile_mode=None, device="cpu")
+    sam = build_sam_fast(TINY, ckpt, compress="int8_dynamic", compress_linears=["lin1", "qkv"], **kw)
+    plain = {n: _plain(sam.image_encoder.get_submodule(n).weight) for n in ENCODER_LINEARS}
+    assert plain == {n: n not in _names(("qkv", "lin1")) for n in ENCODER_LINEARS}
+    for bad, match in ((("qkv", "qkv"), "more than once"), (("w_o",), "unknown encoder linear"), ([], "non-empty")):
+        with pytest.raises(ValueError, match=f"^compress_linears.*{match}"):
+            # a missing checkpoint: the argument is checked before anything is read or built
+            build_sam_fast(TINY, tmp_path / "missing.pth", compress="int8_dynamic", compress_linears=bad, **kw)
+    with pytest.raises(ValueError, match="compress_linears= cannot be combined with compiled_package="):
+        build_sam_fast(TINY, ckpt, compress_linears=NO_LIN2, compiled_package=tmp_path / "missing.pt2", **kw)
+    with pytest.raises(ValueError, match="unknown compress mode"):
+        build_sam_fast(TINY, tmp_path / "missing.pth", compress="int4", **kw)

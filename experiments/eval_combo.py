@@ -44,8 +44,8 @@ import torch  # noqa: E402
 import bench_encoder  # noqa: E402  (shared helper: profile)
 
 from segment_anything_fast.data.coco_prompts import (  # noqa: E402
-    CenterPointCache, CocoPointPromptDataset, load_coco, mask_iou,
-    select_annotations,
+    CenterPointCache, CocoPointPromptDataset, load_coco, mask_iou, pack_masks,
+    select_annotations, unpack_masks,
 )
 from segment_anything_fast.compile import DEFAULT_DECODER_BUCKETS, POSTPROCESS_BACKENDS, compile_function  # noqa: E402
 from segment_anything_fast.utils.amg import to_device  # noqa: E402
@@ -467,14 +467,23 @@ def _plain_collate(items):
 
 class NestedCollate:
     """DataLoader ``collate_fn`` of nested mode: ``(items, pack_nested(good items))``, so the
-    padding and packing run in the workers and the batch reaches the GPU in a few copies."""
+    padding and packing run in the workers and the batch reaches the GPU in a few copies. The
+    ground-truth masks travel bit-packed in the same order as the predicted masks (``gt_bits``,
+    ``gt_pixels``: coco_prompts.pack_masks) and the items keep only their metadata: every
+    tensor sent from a worker costs the main process a shared-memory mapping."""
 
     def __init__(self, image_size: int, static_batch: Optional[int], preprocess: str = "host"):
         self.image_size, self.static_batch, self.preprocess = image_size, static_batch, preprocess
 
     def __call__(self, items):
         good = [it for it in items if it["error"] is None]
-        return items, pack_nested(good, self.image_size, self.static_batch, self.preprocess)
+        packed = pack_nested(good, self.image_size, self.static_batch, self.preprocess)
+        packed["gt_bits"], packed["gt_pixels"] = pack_masks([it["gt_masks"] for it in good])
+        slim = [{k: v for k, v in it.items() if k not in _PACKED_KEYS} for it in items]
+        return slim, packed
+
+
+_PACKED_KEYS = ("image", "points", "gt_masks")  # what NestedCollate moves into the packed batch
 
 
 def _encode(sam, images: List[torch.Tensor], device, dtype) -> torch.Tensor:
@@ -581,6 +590,16 @@ def _predict_nested(sam, items: List[dict], device, dtype, packed: dict) -> List
             for j, (it, part) in enumerate(zip(items, best.split(counts)))]
 
 
+def _ground_truth(items: List[dict], packed: Optional[dict], device) -> List[torch.Tensor]:
+    """Each item's (K, H, W) bool ground truth on ``device``: one copy of the batch's packed bits
+    (NestedCollate), else one copy per item."""
+    if packed is None or "gt_bits" not in packed:
+        return [to_device(it["gt_masks"], device) for it in items]
+    flat = unpack_masks(to_device(packed["gt_bits"], device), packed["gt_pixels"])
+    return [flat[o:o + k * h * w].view(k, h, w) for o, k, (h, w) in
+            zip(packed["offsets"], packed["counts"], (it["original_size"] for it in items))]
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -644,13 +663,13 @@ def write_profile(args, sam, items: List[dict], device, dtype, packed: Optional[
                                    packed)),
             ("image encoder alone (_encode)",
              lambda: [_encode(sam, [it["image"] for it in g], device, dtype) for g in groups])]
-    if packed is not None and "pixels" in packed:  # --preprocess triton: images not resized
-        runs[1] = ("image encoder alone (fused_preprocess + encoder)",
+    if packed is not None:  # nested: the items hold no images, the packed batch does
+        runs[1] = (f"image encoder alone (encoder_input, {args.preprocess} pre-processing + encoder)",
                    lambda: sam.image_encoder(encoder_input(sam, packed, device, dtype)))
     model = "custom" if args.config_json else model_config(args)
+    n_prompts = sum(packed["counts"]) if packed is not None else sum(len(it["points"]) for it in items)
     head = (f"eval_combo --profile {args.profile}: {model} {device} {args.dtype} "
-            f"compile {args.compile}, {len(items)} images, "
-            f"{sum(it['points'].shape[0] for it in items)} prompts")
+            f"compile {args.compile}, {len(items)} images, {n_prompts} prompts")
     texts = []
     for label, fn in runs:
         with torch.inference_mode():  # as in the timed loop: the same compiled graphs
@@ -753,10 +772,9 @@ def _evaluate_shard(args, ctx: DistContext, sam, dataset, device, dtype, n_total
                     else:
                         model_time += time.perf_counter() - t0
                     n_timed += len(items)
-                for it, pred in zip(items, preds):
-                    if pred.shape[0]:
-                        gt = to_device(it["gt_masks"], device)
-                        # stays on the device: no sync per image
+                gts = _ground_truth(items, packed, device)
+                for it, pred, gt in zip(items, preds, gts):
+                    if pred.shape[0]:  # stays on the device: no sync per image
                         ious.append((it["image_id"], mask_iou(pred, gt)))
                 n_images += len(items)
             except Exception as e:

@@ -333,3 +333,23 @@ def test_graph_steps_copy_outputs_out_of_the_graph_pool():
     a, b = ec._graph_steps(lambda *args: out)(1, 2)
     assert torch.equal(a, out[0]) and torch.equal(b, out[1])
     assert a.data_ptr() != out[0].data_ptr() and b.data_ptr() != out[1].data_ptr()
+
+
+def test_nested_collate_packs_ground_truth_and_slims_items(synth):
+    from segment_anything_fast.data.coco_prompts import pack_masks, unpack_masks
+
+    rng = np.random.default_rng(0)
+    masks = [torch.from_numpy(rng.random(s) > 0.5) for s in ((2, 5, 7), (0, 3, 3), (1, 9, 1), (3, 4, 4))]
+    bits, n = pack_masks(masks)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-n // 8) and n == sum(m.numel() for m in masks)
+    assert torch.equal(unpack_masks(bits, n), torch.cat([m.flatten() for m in masks]))
+    coco = load_coco(os.path.join(synth, "annotations", "instances_val2017.json"))
+    ids = sorted(coco.getImgIds())[:3]
+    ds = CocoPointPromptDataset(coco, os.path.join(synth, "val2017"), ids, select_annotations(coco, ids), 128)
+    full = [ds[i] for i in range(3)]
+    slim, packed = ec.NestedCollate(128, 4)([ds[i] for i in range(3)])
+    assert all(k not in it for it in slim for k in ("image", "points", "gt_masks"))
+    assert [it["image_id"] for it in slim] == [it["image_id"] for it in full]
+    gts = ec._ground_truth(slim, packed, torch.device("cpu"))
+    assert all(torch.equal(g, it["gt_masks"]) for g, it in zip(gts, full))
+    assert [g.shape[0] for g in gts] == packed["counts"]

@@ -39,6 +39,20 @@ def mask_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def pack_masks(masks: List[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+    """Bool masks (any shapes) flattened back to back and packed 8 per byte (``np.packbits``
+    order): (uint8 bytes, number of pixels). 8x fewer bytes to copy to the GPU."""
+    flat = [np.asarray(m, dtype=bool).reshape(-1) for m in masks]
+    bits = np.concatenate(flat) if flat else np.zeros(0, dtype=bool)
+    return torch.from_numpy(np.packbits(bits)), int(bits.size)
+
+
+def unpack_masks(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The (n,) bool pixels of :func:`pack_masks`, on ``packed``'s device."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    return ((packed[:, None] >> shifts) & 1).flatten()[:n].bool()
+
+
 def load_coco(annotations: str):
     """``pycocotools.coco.COCO`` for ``annotations`` (quiet), with a clear error when missing."""
     from pycocotools.coco import COCO

@@ -348,7 +348,7 @@ def warm_up_decoders(sam, mode: str, counts: List[List[int]], batch_size: int, d
         if mode == "nested":
             rows = torch.zeros(n, 4, device=device)
             rows[:, 2] = 1  # positive points of image 0
-            packed(sam, emb, rows, dense_pe(sam))
+            packed(sam, emb, rows)
         else:
             labels = torch.ones(n, dtype=torch.int, device=device)
             sparse, dense = _prompt(sam, torch.zeros(n, 2, device=device), labels)
@@ -375,23 +375,10 @@ def warm_up_postprocess(sam, image_sizes, device, dtype) -> int:
     return calls
 
 
-def dense_pe(sam) -> torch.Tensor:
-    """``sam.prompt_encoder.get_dense_pe()``, computed once per model (a constant of its weights)
-    and handed to the compiled decoder as an input: traced inside, inductor recomputes its sin/cos
-    for every prompt's copy (1.2 ms per batch of 8 images, 63 prompts, on the H200)."""
-    pe = getattr(sam, "_eval_dense_pe", None)
-    if pe is None:
-        with torch.inference_mode():
-            pe = sam.prompt_encoder.get_dense_pe().contiguous()
-        sam._eval_dense_pe = pe
-    return pe
-
-
-def decode_packed(sam, embeddings, image_index, sparse, dense, image_pe):
+def decode_packed(sam, embeddings, image_index, sparse, dense):
     """Mask decoder over prompts of several images in one call.
 
-    ``embeddings`` (B, C, h, w); ``image_index`` (P,) selects each prompt's image; ``image_pe``
-    (1, C, h, w) the dense positional encoding (:func:`dense_pe`). Mirrors
+    ``embeddings`` (B, C, h, w); ``image_index`` (P,) selects each prompt's image. Mirrors
     ``MaskDecoder.predict_masks`` but gathers one embedding per prompt instead of repeating a
     single image's. Returns all mask tokens' (P, T, 4h, 4w) masks and (P, T) IoU predictions.
     """
@@ -402,20 +389,20 @@ def decode_packed(sam, embeddings, image_index, sparse, dense, image_pe):
     out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
     tokens = torch.cat((out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse), dim=1)
     src = embeddings.to(dtype).index_select(0, image_index) + dense.to(dtype)
-    pe = image_pe.to(dtype).expand(src.shape[0], -1, -1, -1)
+    pe = sam.prompt_encoder.get_dense_pe().to(dtype).expand(src.shape[0], -1, -1, -1)
     hs, src = dec.transformer(src, pe, tokens)
     masks = dec.upscale_masks(src, hs[:, 1:1 + dec.num_mask_tokens], pe.shape[-1])
     return masks, dec.iou_prediction_head(hs[:, 0, :])
 
 
-def decode_best(sam, embeddings, prompts, image_pe):
+def decode_best(sam, embeddings, prompts):
     """Prompt encoder, packed decoder and best-mask choice of a nested batch (one compiled
     region). ``prompts`` (P, 4) float32 rows of :func:`pack_nested`: x, y, label (1 a point,
-    -1 padding), image index; ``image_pe``: :func:`dense_pe`. Returns the (P, 1, 4h, 4w) logits of each prompt's
+    -1 padding), image index. Returns the (P, 1, 4h, 4w) logits of each prompt's
     highest-predicted-IoU multimask output."""
     labels = prompts[:, 2].to(torch.int)
     sparse, dense = _prompt(sam, prompts[:, :2], labels)
-    low, iou = decode_packed(sam, embeddings, prompts[:, 3].to(torch.long), sparse, dense, image_pe)
+    low, iou = decode_packed(sam, embeddings, prompts[:, 3].to(torch.long), sparse, dense)
     return (_best_logits(low[:, 1:], iou[:, 1:]),)
 
 
@@ -590,7 +577,7 @@ def _predict_nested(sam, items: List[dict], device, dtype, packed: dict) -> List
     # contiguous: the compiled encoder may return another memory layout, and the packed decoder
     # is compiled (warm_up_decoders) for contiguous embeddings; a stride change recompiles it
     emb = sam.image_encoder(x).contiguous()
-    (best,) = getattr(sam, "_packed_decoder", decode_best)(sam, emb, prompts, dense_pe(sam))
+    (best,) = getattr(sam, "_packed_decoder", decode_best)(sam, emb, prompts)
     best = best[:sum(counts)]  # the real prompts
     if sam._masks_fn is fused:
         flat = packed_masks_from_logits(sam, best, to_device(packed["mask_table"], device),

@@ -138,8 +138,7 @@ def test_prompt_batching_modes_agree(synth):
     sparse, dense = ec._prompt(sam, pts, torch.ones(len(pts), dtype=torch.int))
     with torch.no_grad():
         m1, i1 = sam.mask_decoder(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, True)
-        m2, i2 = ec.decode_packed(sam, emb, torch.zeros(len(pts), dtype=torch.long), sparse, dense,
-                                  ec.dense_pe(sam))
+        m2, i2 = ec.decode_packed(sam, emb, torch.zeros(len(pts), dtype=torch.long), sparse, dense)
     torch.testing.assert_close(m2[:, 1:], m1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(i2[:, 1:], i1, atol=1e-5, rtol=1e-5)
 
@@ -149,8 +148,8 @@ def test_warm_up_runs_every_padded_shape_once(synth):
                                          "--device", "cpu"])
     sam = ec.build_model(args, verbose=False)
     seen = []
-    sam._packed_decoder = lambda s, emb, prompts, pe: (
-        seen.append((emb.shape[0], tuple(prompts.shape))), ec.decode_best(s, emb, prompts, pe))[1]
+    sam._packed_decoder = lambda s, emb, prompts: (
+        seen.append((emb.shape[0], tuple(prompts.shape))), ec.decode_best(s, emb, prompts))[1]
     counts = [[3, 5], [20, 30], [1, 2], [200, 100]]  # totals 8, 50, 3, 300 prompts
     n = ec.warm_up_decoders(sam, "nested", counts, 2, torch.device("cpu"), torch.float32)
     assert n == 3 and seen == [(2, (8, 4)), (2, (64, 4)), (2, (512, 4))]

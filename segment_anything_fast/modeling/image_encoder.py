@@ -229,18 +229,10 @@ class Attention(nn.Module):
         if self.use_rel_pos:
             Rh, Rw = self._rel_tables(H, W)
             r_q = q.reshape(B, self.num_heads, H, W, -1)
-            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, _pad8(Rh))[..., :H].reshape(B, self.num_heads, N, H)
-            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, _pad8(Rw))[..., :W].reshape(B, self.num_heads, N, W)
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh).reshape(B, self.num_heads, N, H)
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw).reshape(B, self.num_heads, N, W)
         out = rel_pos_attention(q, k, v, rel_h, rel_w, self.backend)
         return out.transpose(1, 2).reshape(B, H, W, C)
-
-
-def _pad8(table: torch.Tensor) -> torch.Tensor:
-    """A (G, K, C) rel-pos table with K zero-padded to a multiple of 8: the bias matmul's output
-    rows are then 16-byte aligned and get tensor-core GEMMs (14-wide windows fell to an align-2
-    kernel, 4.5% of vit_b's encoder on the H200); the padded columns are sliced off after."""
-    pad = -table.shape[1] % 8
-    return F.pad(table, (0, 0, 0, pad)) if pad else table
 
 
 def window_partition(

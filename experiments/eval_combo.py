@@ -658,14 +658,15 @@ def write_profile(args, sam, items: List[dict], device, dtype, packed: Optional[
     prompt encoder, decoder and mask post-processing. Written atomically to
     ``<output stem>_profile.txt``; returns the path."""
     groups = [[it] for it in items] if args.prompt_batching == "none" else [items]
+    if packed is None:
+        encoder_run = ("image encoder alone (_encode)",
+                       lambda: [_encode(sam, [it["image"] for it in g], device, dtype) for g in groups])
+    else:  # nested: the items hold no images, the packed batch does
+        encoder_run = (f"image encoder alone (encoder_input, {args.preprocess} pre-processing + encoder)",
+                       lambda: sam.image_encoder(encoder_input(sam, packed, device, dtype)))
     runs = [(f"predict_batch ({args.prompt_batching})",
              lambda: predict_batch(sam, items, args.prompt_batching, device, dtype, args.batch_size,
-                                   packed)),
-            ("image encoder alone (_encode)",
-             lambda: [_encode(sam, [it["image"] for it in g], device, dtype) for g in groups])]
-    if packed is not None:  # nested: the items hold no images, the packed batch does
-        runs[1] = (f"image encoder alone (encoder_input, {args.preprocess} pre-processing + encoder)",
-                   lambda: sam.image_encoder(encoder_input(sam, packed, device, dtype)))
+                                   packed)), encoder_run]
     model = "custom" if args.config_json else model_config(args)
     n_prompts = sum(packed["counts"]) if packed is not None else sum(len(it["points"]) for it in items)
     head = (f"eval_combo --profile {args.profile}: {model} {device} {args.dtype} "

@@ -21,26 +21,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .gpu_resize import _coefficients
+from .gpu_resize import _PRECISION_BITS, _coefficients
 from .triton_env import interpreting, use_torch_ptxas
 from .utils.transforms import ResizeLongestSide
 
-_SHIFT = 22  # PIL's fixed-point precision for 8-bit images (gpu_resize._PRECISION_BITS)
 
 
 @triton.jit
-def _row(P, base, r, in_w, x0, w0, w1, w2, c, m):
+def _round(acc, SHIFT: tl.constexpr):
+    """PIL's rounding of a fixed-point sum to uint8 (as int32)."""
+    return tl.minimum(tl.maximum((acc + (1 << (SHIFT - 1))) >> SHIFT, 0), 255)
+
+
+@triton.jit
+def _row(P, base, r, in_w, x0, w0, w1, w2, c, m, SHIFT: tl.constexpr):
     """The horizontal pass at source rows ``r`` (ROWS, 1) for output columns with first source
     column ``x0`` and weights ``w0..w2`` (1, COLS): uint8-rounded, as int32."""
     row = P + base + (r * in_w).to(tl.int64) * 3 + c
     acc = (w0 * tl.load(row + tl.minimum(x0, in_w - 1) * 3, mask=m, other=0).to(tl.int32)
            + w1 * tl.load(row + tl.minimum(x0 + 1, in_w - 1) * 3, mask=m, other=0).to(tl.int32)
            + w2 * tl.load(row + tl.minimum(x0 + 2, in_w - 1) * 3, mask=m, other=0).to(tl.int32))
-    return tl.minimum(tl.maximum((acc + (1 << 21)) >> 22, 0), 255)
+    return _round(acc, SHIFT)
 
 
 @triton.jit
-def _preprocess_fwd(P, O, G, XC, YC, MEAN, STD, S, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _preprocess_fwd(P, O, G, XC, YC, MEAN, STD, S, ROWS: tl.constexpr, COLS: tl.constexpr,
+                    SHIFT: tl.constexpr):
     """Program (i, b, j): output rows i * ROWS ..., columns j * COLS ..., all 3 channels of
     image b. G[b] = (flat start, input h, w, resized h, w); XC[b, x] / YC[b, y] = (first source
     index, 3 fixed-point weights) of output column x / row y."""
@@ -71,10 +77,10 @@ def _preprocess_fwd(P, O, G, XC, YC, MEAN, STD, S, ROWS: tl.constexpr, COLS: tl.
     out = O + b * 3 * S * S + y * S + x
     keep = (y < S) & (x < S)
     for c in tl.static_range(3):
-        acc = (v0 * _row(P, base, ra, in_w, x0, u0, u1, u2, c, m)
-               + v1 * _row(P, base, rb, in_w, x0, u0, u1, u2, c, m)
-               + v2 * _row(P, base, rc, in_w, x0, u0, u1, u2, c, m))
-        pixel = tl.minimum(tl.maximum((acc + (1 << 21)) >> 22, 0), 255).to(tl.float32)
+        acc = (v0 * _row(P, base, ra, in_w, x0, u0, u1, u2, c, m, SHIFT)
+               + v1 * _row(P, base, rb, in_w, x0, u0, u1, u2, c, m, SHIFT)
+               + v2 * _row(P, base, rc, in_w, x0, u0, u1, u2, c, m, SHIFT))
+        pixel = _round(acc, SHIFT).to(tl.float32)
         value = (pixel - tl.load(MEAN + c)) / tl.load(STD + c)
         tl.store(out + c * S * S, tl.where(m, value, 0.0).to(O.dtype.element_ty), mask=keep)
 
@@ -86,13 +92,9 @@ def _tile() -> tuple:
 
 
 def _axis_table(in_size: int, out_size: int, model_size: int) -> np.ndarray:
-    """(model_size, 4) int32 rows (first source index, 3 weights) of one axis; identity rows when
-    the size does not change, zeros past ``out_size``."""
+    """(model_size, 4) int32 rows (first source index, 3 weights) of one axis (identity rows when
+    the size does not change), zeros past ``out_size``."""
     table = np.zeros((model_size, 4), dtype=np.int32)
-    if in_size == out_size:
-        table[:out_size, 0] = np.arange(out_size)
-        table[:out_size, 1] = 1 << _SHIFT
-        return table
     first, weights = _coefficients(in_size, out_size)
     table[:out_size, 0] = first
     table[:out_size, 1:] = weights  # 3 taps for every enlargement
@@ -160,5 +162,5 @@ def preprocess_packed(sam, pixels: torch.Tensor, geometry: torch.Tensor, x_coef:
         _preprocess_fwd[(triton.cdiv(size, rows), n, triton.cdiv(size, cols))](
             tensors[0].contiguous(), out, tensors[1].long().contiguous(), tensors[2].int().contiguous(),
             tensors[3].int().contiguous(), mean, std, size,
-            ROWS=rows, COLS=cols, num_warps=4)
+            ROWS=rows, COLS=cols, SHIFT=_PRECISION_BITS, num_warps=4)
     return out

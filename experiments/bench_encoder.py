@@ -16,6 +16,7 @@ linears (mlp.lin2 stays bf16); each row records ``compress`` and ``compress_line
 import argparse
 import csv
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -33,7 +34,7 @@ from segment_anything_fast.quantize import COMPRESS_MODES, ENCODER_LINEARS, chec
 T0 = time.time()
 
 # columns of the CSV (the JSON rows hold these and more)
-CSV_KEYS = ["model", "impl", "mode", "batch", "status", "compress", "compress_linears", "img_per_s",
+CSV_KEYS = ["model", "impl", "mode", "batch", "status", "compress", "compress_linears", "mlp_epilogue", "img_per_s",
             "ms_per_batch", "peak_gib", "first_call_s", "cos_min", "cos_mean", "mask_iou_min",
             "mask_iou_mean", "mask_pos_frac", "sync_free", "gpu", "torch", "commit"]
 
@@ -109,7 +110,7 @@ def build_peer(name, sd, mode):
 
 
 def build_ours(name, sd, attention, mode, batch, regional, compress="none",
-               compress_linears=ENCODER_LINEARS):
+               compress_linears=ENCODER_LINEARS, mlp_epilogue=False):
     from segment_anything_fast.build_sam import build_sam
     from segment_anything_fast.compile import make_fast
 
@@ -119,7 +120,7 @@ def build_ours(name, sd, attention, mode, batch, regional, compress="none",
     sam.load_state_dict(sd)
     make_fast(sam, dtype=torch.bfloat16, attention=attention, compile_mode=mode,
               batch_size=batch, regional=regional, decoder_mode=None, compress=compress,
-              compress_linears=compress_linears)
+              compress_linears=compress_linears, mlp_epilogue=mlp_epilogue)
     return sam.eval(), sam.image_encoder
 
 
@@ -299,6 +300,9 @@ def main(argv=None):
     ap.add_argument("--ours-inductor", nargs="+", default=["default"], choices=["default", "tutorial"],
                     help="inductor settings of ours: torch's defaults and/or the torchao tutorial's "
                          "(quantize.InductorSettings.tutorial)")
+    ap.add_argument("--ours-mlp-epilogue", nargs="+", default=["off"], choices=["off", "on"],
+                    help="ours with each MLP's lin1 + GELU as one GEMM (mlp_epilogue) and/or without; "
+                         "column mlp_epilogue, mode suffix /mlp-epilogue")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--fid-images", type=int, default=4)
     ap.add_argument("--predictor", action="store_true", help="also time set_image + 64 points")
@@ -366,9 +370,9 @@ def main(argv=None):
     ref_sam.image_encoder = None
     free()
 
-    def record(impl, mode, batch, status, compress="none", **kw):
+    def record(impl, mode, batch, status, compress="none", mlp_epilogue="", **kw):
         row = dict(model=args.model, impl=impl, mode=mode, batch=batch, status=status,
-                   **compress_columns(compress, linears), **kw)
+                   mlp_epilogue=mlp_epilogue, **compress_columns(compress, linears), **kw)
         rows.append(row)
         save()
         if status == "ok":
@@ -379,9 +383,9 @@ def main(argv=None):
         else:
             log(f"{impl:10s} {str(mode):28s} b{batch:<3d} {status}")
 
-    def measure(impl, mode, batch, builder, dtype, sync_check=False, compress="none"):
+    def measure(impl, mode, batch, builder, dtype, sync_check=False, compress="none", mlp_epilogue=""):
         if time.time() - T0 > args.budget_s:
-            record(impl, mode, batch, "skipped (time budget of this run)", compress)
+            record(impl, mode, batch, "skipped (time budget of this run)", compress, mlp_epilogue)
             return None
         sam = enc = None
         try:
@@ -399,15 +403,15 @@ def main(argv=None):
             cos = torch.nn.functional.cosine_similarity(emb.flatten(1), ref_emb.flatten(1))
             masks = decode_masks(ref_sam, emb, points)
             ious = iou(masks, ref_masks)
-            record(impl, mode, batch, "ok", compress, img_per_s=batch * 1000.0 / ms, ms_per_batch=ms,
+            record(impl, mode, batch, "ok", compress, mlp_epilogue, img_per_s=batch * 1000.0 / ms, ms_per_batch=ms,
                    peak_gib=peak, first_call_s=first, build_s=build_s,
                    cos_min=cos.min().item(), cos_mean=cos.mean().item(),
                    mask_iou_min=ious.min().item(), mask_iou_mean=ious.mean().item(),
                    mask_pos_frac=pos_frac, sync_free=sync_free)
         except torch.cuda.OutOfMemoryError:
-            record(impl, mode, batch, "OOM", compress)
+            record(impl, mode, batch, "OOM", compress, mlp_epilogue)
         except Exception as e:  # keep going: one failing combination must not lose the others
-            record(impl, mode, batch, f"error: {type(e).__name__}: {str(e)[:300]}", compress)
+            record(impl, mode, batch, f"error: {type(e).__name__}: {str(e)[:300]}", compress, mlp_epilogue)
         finally:
             del sam, enc
             torch._dynamo.reset()
@@ -431,19 +435,20 @@ def main(argv=None):
             elif impl == "ours":
                 from segment_anything_fast.quantize import InductorSettings
 
-                for comp in args.ours_compress:
-                    for ind in args.ours_inductor:
-                        mode = (f"{args.ours_mode}/{args.ours_attention}"
-                                + ("/regional" if args.ours_regional else "")
-                                + ("/tutorial-inductor" if ind == "tutorial" else ""))
-                        name = "ours" if comp == "none" else f"ours_{comp}"
-                        settings = InductorSettings.tutorial() if ind == "tutorial" else InductorSettings()
-                        with settings.patch():  # compilation happens at the first call, inside
-                            measure(name, mode, batch,
-                                    lambda: build_ours(args.model, sd, args.ours_attention,
-                                                       args.ours_mode, batch, args.ours_regional, comp,
-                                                       linears),
-                                    torch.bfloat16, sync_check=True, compress=comp)
+                for comp, ind, epi in itertools.product(args.ours_compress, args.ours_inductor,
+                                                        args.ours_mlp_epilogue):
+                    mode = (f"{args.ours_mode}/{args.ours_attention}"
+                            + ("/regional" if args.ours_regional else "")
+                            + ("/tutorial-inductor" if ind == "tutorial" else "")
+                            + ("/mlp-epilogue" if epi == "on" else ""))
+                    name = "ours" if comp == "none" else f"ours_{comp}"
+                    settings = InductorSettings.tutorial() if ind == "tutorial" else InductorSettings()
+                    with settings.patch():  # compilation happens at the first call, inside
+                        measure(name, mode, batch,
+                                lambda: build_ours(args.model, sd, args.ours_attention,
+                                                   args.ours_mode, batch, args.ours_regional, comp,
+                                                   linears, epi == "on"),
+                                torch.bfloat16, sync_check=True, compress=comp, mlp_epilogue=epi)
             else:
                 raise SystemExit(f"unknown impl {impl}")
 

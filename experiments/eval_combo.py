@@ -63,7 +63,7 @@ PROMPT_BATCHING = ("nested", "padded", "none")
 PREPROCESS_BACKENDS = ("host", "triton")
 CSV_FIELDS = (
     "timestamp", "model_type", "checkpoint", "device", "dtype", "compile", "attention",
-    "upscaling", "decoder_attention", "postprocess", "preprocess", "prompt_batching", "compress", "batch_size", "num_workers", "limit", "n_images",
+    "upscaling", "decoder_attention", "postprocess", "preprocess", "prompt_batching", "compress", "mlp_epilogue", "batch_size", "num_workers", "limit", "n_images",
     "n_annotations", "n_skipped_images", "warmup_batches", "timed_images", "miou",
     "img_per_s_model", "img_per_s_end_to_end", "img_per_s_encoder_only", "end_to_end_vs_encoder",
     "loader_wait_fraction",
@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compress", default="none",
                    help="image-encoder compression (segment_anything_fast.quantize): "
                         + ", ".join(compress_modes()) + " (default none)")
+    m.add_argument("--mlp-epilogue", default="off",
+                   help="on: each image-encoder MLP runs lin1 + GELU as one GEMM with cuBLASLt's bias + "
+                        "GELU epilogue (segment_anything_fast.mlp_epilogue; on CUDA the tanh GELU); "
+                        "not with --compress, which quantizes lin1 too; off: lin1, then GELU (default off)")
     o = p.add_argument_group("run")
     o.add_argument("--warmup-batches", type=int, default=None,
                    help="batches excluded from throughput (compile/autotune; default 1, or 3 with "
@@ -232,6 +236,11 @@ def validate_args(args, parser) -> None:
                      "kernel fills a packed batch); use --preprocess host otherwise.")
     if args.compress not in compress_modes():
         bad("--compress", args.compress, compress_modes())
+    if args.mlp_epilogue not in ("on", "off"):
+        bad("--mlp-epilogue", args.mlp_epilogue, ("on", "off"))
+    if args.mlp_epilogue == "on" and args.compress != "none":
+        parser.error(f"--mlp-epilogue on needs plain lin1 weights but --compress {args.compress} "
+                     "compresses every encoder linear; pass --mlp-epilogue off.")
     for flag in ("limit", "batch_size"):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -285,6 +294,10 @@ def build_model(args, verbose: bool = True):
         from segment_anything_fast.quantize import compress
 
         compress(sam, args.compress)
+    if args.mlp_epilogue == "on":
+        from segment_anything_fast.mlp_epilogue import set_mlp_epilogue
+
+        set_mlp_epilogue(sam.image_encoder, True)
     if args.compile != "none":
         # Static shapes: the encoder batch is padded to --batch-size, decoder prompt counts to
         # buckets; with max-autotune CUDA graphs only for the encoder, as build_sam_fast does.
@@ -906,7 +919,7 @@ def run(args, ctx: Optional[DistContext] = None) -> Optional[Dict[str, object]]:
         "decoder_attention": args.decoder_attention, "postprocess": args.postprocess,
         "preprocess": args.preprocess,
         "prompt_batching": args.prompt_batching,
-        "compress": args.compress, "batch_size": args.batch_size,
+        "compress": args.compress, "mlp_epilogue": args.mlp_epilogue, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "limit": args.limit if args.limit is not None else "",
         "n_images": n_images, "n_annotations": int(all_ious.numel()),
         "n_skipped_images": len(skipped), "warmup_batches": warmup, "timed_images": n_timed,

@@ -1,7 +1,7 @@
 """Waterfall sweep of eval_combo: each step adds one technique to the previous ones.
 
     fp32 -> bf16 -> compile -> fused_attention -> batched_prompts -> fused_upscale -> fused_decoder_attention
-    -> fused_postprocess -> fused_preprocess -> int8 -> fp8 -> sparse_2_4
+    -> fused_postprocess -> fused_preprocess -> mlp_epilogue -> int8 -> fp8 -> sparse_2_4
     (-> fp8_sparse_2_4)
 
 The compression steps each replace the previous compression (int8, then fp8, then 2:4 ...)
@@ -45,14 +45,16 @@ STEPS = (
     ("fused_decoder_attention", {"decoder_attention": "<dec_attn>"}),
     ("fused_postprocess", {"postprocess": "<post>"}),
     ("fused_preprocess", {"preprocess": "<pre>"}),
-    ("int8", {"compress": "int8_dynamic"}),
+    ("mlp_epilogue", {"mlp_epilogue": "on"}),
+    # compression quantizes lin1 too, which the fused epilogue cannot take
+    ("int8", {"compress": "int8_dynamic", "mlp_epilogue": "off"}),
     ("fp8", {"compress": "fp8"}),
     ("sparse_2_4", {"compress": "sparse_2_4"}),
     ("fp8_sparse_2_4", {"compress": "fp8_sparse_2_4"}),
 )
 BASE = {"dtype": "float32", "compile": "none", "attention": "math", "upscaling": "conv",
         "decoder_attention": "sdpa", "postprocess": "torch", "preprocess": "host", "prompt_batching": "padded",
-        "compress": "none"}
+        "compress": "none", "mlp_epilogue": "off"}
 DEFAULT_STEPS = ",".join(s for s, _ in STEPS[:-1])
 EXTRA_FIELDS = ("model", "step", "status", "seconds")
 FIELDS = EXTRA_FIELDS + tuple(f for f in eval_combo.CSV_FIELDS if f not in EXTRA_FIELDS)
@@ -71,6 +73,14 @@ def step_settings(compile_mode: str, fused: str, upscale: str, dec_attn: str = "
                       "<dec_attn>": dec_attn, "<post>": post,
                       "<pre>": pre}.get(v, v)
         out[name] = dict(cur)
+    return out
+
+
+def settings_argv(settings: Dict[str, str]) -> List[str]:
+    """eval_combo flags for every setting of a step (``prompt_batching`` -> ``--prompt-batching``)."""
+    out = []
+    for key in BASE:
+        out += ["--" + key.replace("_", "-"), settings[key]]
     return out
 
 
@@ -94,9 +104,9 @@ def _num(v):
 
 def write_markdown(rows: List[dict], path: str) -> None:
     lines = ["| model | step | dtype | compile | attention | upscaling | decoder attention | post-processing | pre-processing | "
-             "prompts | compress | img/s model | img/s e2e | encoder alone | e2e / encoder | x fp32 | mIoU | "
+             "prompts | compress | MLP epilogue | img/s model | img/s e2e | encoder alone | e2e / encoder | x fp32 | mIoU | "
              "peak MiB | status |",
-             "|" + "---|" * 19]
+             "|" + "---|" * 20]
     base = {}
     for r in rows:
         ips = _num(r.get("img_per_s_model"))
@@ -108,7 +118,7 @@ def write_markdown(rows: List[dict], path: str) -> None:
         cells = [r["model"], r["step"], r.get("dtype", ""), r.get("compile", ""), r.get("attention", ""),
                  r.get("upscaling", ""), r.get("decoder_attention", ""), r.get("postprocess", ""),
                  r.get("preprocess", ""), r.get("prompt_batching", ""),
-                 r.get("compress", ""),
+                 r.get("compress", ""), r.get("mlp_epilogue", ""),
                  f"{ips:.1f}" if ips else "-",
                  f"{_num(r.get('img_per_s_end_to_end')):.1f}" if _num(r.get("img_per_s_end_to_end")) else "-",
                  f"{_num(r.get('img_per_s_encoder_only')):.1f}" if _num(r.get("img_per_s_encoder_only")) else "-",
@@ -279,9 +289,7 @@ def main(argv=None) -> List[dict]:
                        "--batch-size", str(args.batch_size), "--model-type", model,
                        "--device", args.device, "--num-workers", str(args.num_workers),
                        "--cache-dir", os.path.join(args.out_dir, "cache"),
-                       "--output", ec_csv,
-                       "--dtype", s["dtype"], "--compile", s["compile"], "--attention", s["attention"],
-                       "--prompt-batching", s["prompt_batching"], "--compress", s["compress"]]
+                       "--output", ec_csv] + settings_argv(s)
             if args.checkpoint:
                 argv_ec += ["--checkpoint", args.checkpoint]
             if args.warmup_batches is not None:

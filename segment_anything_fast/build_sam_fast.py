@@ -51,6 +51,7 @@ def build_sam_fast(
     postprocess: Optional[str] = None,
     compress: str = "none",
     compress_linears: Sequence[str] = ENCODER_LINEARS,
+    mlp_epilogue: Optional[bool] = None,
     compiled_package: Optional[Union[str, os.PathLike]] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
 ):
@@ -92,6 +93,10 @@ def build_sam_fast(
             ``quantize.ENCODER_LINEARS`` ("qkv", "proj", "lin1", "lin2"; default all), e.g.
             ``("qkv", "proj", "lin1")`` keeps ``mlp.lin2`` in bf16 under fp8 (its 4x-wide input
             costs a run-time amax + cast). Checked, like ``compress``, before any work.
+        mlp_epilogue: run each encoder MLP's lin1 + GELU as one GEMM with cuBLASLt's bias + GELU
+            epilogue (``mlp_epilogue``; on CUDA that GELU is the tanh approximation). None
+            turns it on for CUDA wherever lin1 is not compressed; True raises if no block
+            qualifies.
         compiled_package: an AOTInductor ``.pt2`` made by ``scripts/export_package.py`` for
             this model: attached instead of compiling (no compile in this process; a package
             built for another GPU / torch / dtype / batch raises ``aot.PackageMismatchError``).
@@ -101,6 +106,11 @@ def build_sam_fast(
     check_mode(compress)
     linears = check_linears(compress_linears, "compress_linears")
     dev = _resolve_device(device)
+    if compiled_package is not None and mlp_epilogue:
+        raise ValueError(
+            "mlp_epilogue=True cannot be combined with compiled_package=: the package is an "
+            "already compiled encoder; export it from a model built with mlp_epilogue=True."
+        )
     if compiled_package is not None and (compress != "none" or linears != ENCODER_LINEARS):
         given = "compress=" if compress != "none" else "compress_linears="
         raise ValueError(
@@ -123,6 +133,8 @@ def build_sam_fast(
     with dev:  # initialise the weights on the target device (much faster than on the CPU)
         sam = build_sam(config, checkpoint, attention=attention)
     sam.to(dev)
+    if mlp_epilogue is None:
+        mlp_epilogue = dev.type == "cuda" and (compress == "none" or "lin1" not in linears)
     if decoder_attention is None:
         decoder_attention = "triton" if dev.type == "cuda" and _decoder_triton_ok(sam) else "sdpa"
     if postprocess is None:
@@ -153,6 +165,7 @@ def build_sam_fast(
         decoder_buckets=decoder_buckets,
         postprocess_mode=postprocess_compile_mode,
         postprocess=postprocess,
+        mlp_epilogue=mlp_epilogue,
     )
 
 

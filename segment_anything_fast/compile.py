@@ -297,14 +297,18 @@ def make_fast(
     decoder_attention: Optional[str] = None,
     postprocess_mode: Optional[str] = None,
     postprocess: str = "torch",
+    mlp_epilogue: Optional[bool] = None,
 ) -> nn.Module:
     """Apply :func:`cast_model`, :func:`set_attention_backend`, the decoder's ``upscaling``
     ("conv" or "triton", ``MaskDecoder.set_upscaling``) and ``decoder_attention`` ("sdpa" or
     "triton", ``TwoWayTransformer.set_attention``), ``quantize.compress`` and the two compiles
     in place, in that order; ``postprocess`` ("torch" or "triton") and ``postprocess_mode``
-    set the predictor's mask post-processing (:func:`set_postprocess`).
+    set the predictor's mask post-processing (:func:`set_postprocess`). ``mlp_epilogue``
+    (after ``compress``, before compiling) turns ``mlp_epilogue.set_mlp_epilogue`` on or off in
+    the image encoder.
 
-    ``None`` for ``dtype``/``attention``/``upscaling``/``decoder_attention``/``compile_mode``/``decoder_mode`` (and
+    ``None`` for ``dtype``/``attention``/``upscaling``/``decoder_attention``/``mlp_epilogue``/
+    ``compile_mode``/``decoder_mode`` (and
     ``"none"`` for ``compress``) skips that step. ``compress_linears``: which encoder linears
     ``compress`` acts on (``quantize.compress(linears=...)``), checked before any step.
     """
@@ -322,6 +326,10 @@ def make_fast(
         from .quantize import compress as compress_encoder
 
         compress_encoder(sam, compress, linears=compress_linears)
+    if mlp_epilogue is not None:
+        from .mlp_epilogue import set_mlp_epilogue
+
+        set_mlp_epilogue(sam.image_encoder, mlp_epilogue)
     if compile_mode is not None:
         sam.image_encoder = compile_image_encoder(
             sam.image_encoder, mode=compile_mode, batch_size=batch_size, regional=regional

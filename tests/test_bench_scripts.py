@@ -134,7 +134,7 @@ def test_bench_encoder_compress_linears_columns(capsys):
     """bench_encoder rows say which linears were compressed; bad --ours-compress-linears values
     stop the run before any GPU work."""
     keys = bench_encoder.CSV_KEYS
-    assert len(set(keys)) == len(keys) and {"compress", "compress_linears"} <= set(keys)
+    assert len(set(keys)) == len(keys) and {"compress", "compress_linears", "mlp_epilogue"} <= set(keys)
     assert keys.index("compress") < keys.index("compress_linears") < keys.index("img_per_s")
     assert bench_encoder.compress_columns() == {"compress": "none", "compress_linears": ""}
     assert bench_encoder.compress_columns("fp8", ("qkv", "proj", "lin1")) == {
@@ -145,6 +145,9 @@ def test_bench_encoder_compress_linears_columns(capsys):
         with pytest.raises(SystemExit) as e:
             bench_encoder.main(["--ours-compress", "fp8", "--ours-compress-linears", *argv])
         assert e.value.code == 2 and err in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_encoder.main(["--ours-mlp-epilogue", "maybe"])
+    assert e.value.code == 2 and "invalid choice: 'maybe'" in capsys.readouterr().err
 
 
 def test_waterfall_settings_accumulate():
@@ -158,8 +161,20 @@ def test_waterfall_settings_accumulate():
     assert s["fused_postprocess"]["preprocess"] == "host" and s["fused_preprocess"]["preprocess"] == "triton"
     assert s["int8"] == dict(dtype="bfloat16", compile="max-autotune", attention="triton",
                              upscaling="triton", decoder_attention="triton", postprocess="triton",
-                             preprocess="triton", prompt_batching="nested", compress="int8_dynamic")
+                             preprocess="triton", prompt_batching="nested", compress="int8_dynamic",
+                             mlp_epilogue="off")
+    assert s["fused_preprocess"]["mlp_epilogue"] == "off" and s["mlp_epilogue"]["mlp_epilogue"] == "on"
     assert s["fp8"]["compress"] == "fp8" and s["fp8"]["prompt_batching"] == "nested"
+
+
+def test_every_step_setting_reaches_eval_combo():
+    # each step's settings must arrive in eval_combo's parsed flags, not only in the CSV row
+    import eval_combo
+
+    for step, settings in run_experiments.step_settings("reduce-overhead", "triton", "triton").items():
+        args = eval_combo.build_parser().parse_args(["--coco-root", "x"] + run_experiments.settings_argv(settings))
+        for key, value in settings.items():
+            assert getattr(args, key) == value, (step, key)
 
 
 def test_run_experiments_cpu_smoke(tmp_path):

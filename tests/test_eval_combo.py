@@ -224,6 +224,11 @@ def test_end_to_end_csv_row_and_cache(synth, tmp_path, capsys):
     assert len(rows) == 2 and rows[1]["miou"] == rows[0]["miou"]
     assert rows[1]["img_per_s_encoder_only"] == "" and rows[1]["end_to_end_vs_encoder"] == ""
     assert rows[1]["git_commit"] == "abc123" and rows[0]["git_commit"] != "abc123"
+    # --mlp-epilogue on: recorded, same masks within float32 noise (exact GELU on the CPU)
+    assert ec.main(args + ["--encoder-iters", "0", "--mlp-epilogue", "on"]) == 0
+    rows = _rows(tmp_path / "r.csv")
+    assert rows[0]["mlp_epilogue"] == "off" and rows[2]["mlp_epilogue"] == "on"
+    assert float(rows[2]["miou"]) == pytest.approx(float(rows[0]["miou"]), abs=1e-3)
 
 
 def test_profile_file_after_the_timing(synth, tmp_path, capsys):
@@ -277,7 +282,7 @@ def test_bad_annotations_and_flags(tmp_path, capsys):
     for flag, value in [("--prompt-batching", "ragged"), ("--compile", "fast"),
                         ("--attention", "nope"), ("--dtype", "fp16"), ("--model-type", "vit_x"),
                         ("--compress", "int3"), ("--decoder-attention", "flash"),
-                        ("--postprocess", "fused")]:
+                        ("--postprocess", "fused"), ("--mlp-epilogue", "yes")]:
         with pytest.raises(SystemExit) as e:
             ec.main(_args(root, tmp_path, flag, value))
         assert e.value.code == 2
@@ -292,6 +297,9 @@ def test_bad_annotations_and_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ec.main(_args(root, tmp_path, "--profile", "-1"))
     assert "--profile must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ec.main(_args(root, tmp_path, "--mlp-epilogue", "on", "--compress", "int8_dynamic"))
+    assert "--mlp-epilogue on needs plain lin1" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag(capsys):
@@ -301,7 +309,7 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--coco-root", "--annotations", "--limit", "--batch-size", "--model-type",
                  "--checkpoint", "--device", "--dtype", "--compile", "--attention",
                  "--prompt-batching", "--compress", "--num-workers", "--output", "--config-json",
-                 "--encoder-iters", "--profile", "--postprocess"):
+                 "--encoder-iters", "--profile", "--postprocess", "--mlp-epilogue"):
         assert flag in out
     assert "not torch.nested" in out
 

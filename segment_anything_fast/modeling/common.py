@@ -4,17 +4,26 @@ from typing import Type
 import torch
 from torch import nn
 
+from ..mlp_epilogue import linear_act
+
 
 class MLPBlock(nn.Module):
-    """``lin2(act(lin1(x)))``: the transformer feed-forward block."""
+    """``lin2(act(lin1(x)))``: the transformer feed-forward block.
+
+    ``fused_epilogue`` (off by default; ``mlp_epilogue.set_mlp_epilogue``) runs ``lin1`` +
+    activation as one GEMM with a bias + activation epilogue.
+    """
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: Type[nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.lin1 = nn.Linear(embedding_dim, mlp_dim)
         self.lin2 = nn.Linear(mlp_dim, embedding_dim)
         self.act = act()
+        self.fused_epilogue = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_epilogue:
+            return self.lin2(linear_act(self, x))
         return self.lin2(self.act(self.lin1(x)))
 
 

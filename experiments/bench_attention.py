@@ -63,39 +63,17 @@ def bench(fn, iters=20, warmup=3):
 
 
 def sweep_configs(name):
-    """Launch configs to time for a shape: tile sizes x warps x stages, plus for the windows rel_h
-    as one gathered load (GATHER_H, larger key blocks) and for the global layers Triton's
-    warp-specialised loop (WS) on the best tile shapes."""
+    wp = 64 if "global" in name else 16
+    rows_opts = [1, 2] if wp == 64 else [2, 4]
     out = []
-    if "global" in name:
-        for bm in (64, 128):
-            for rows in (1, 2):
-                for nw in (4, 8):
-                    for ns in (2, 3, 4):
-                        if bm == 64 and nw == 8:
-                            continue
-                        out.append(dict(BLOCK_M=bm, ROWS=rows, num_warps=nw, num_stages=ns))
-        for bm, rows, nw in ((64, 1, 4), (128, 1, 8), (128, 2, 8)):
-            for ns in (2, 3):
-                out.append(dict(BLOCK_M=bm, ROWS=rows, num_warps=nw, num_stages=ns, WS=True))
-        return out
-    for bm in (32, 64, 128):
-        for rows in (2, 4, 8, 16):
-            for gather in (False, True):
-                if not gather and rows > 4:  # ROWS broadcast adds: too slow beyond 4 (H100 sweep)
-                    continue
-                for nw in (4, 8):
-                    for ns in (2, 3):
-                        if bm == 32 and nw == 8:
-                            continue
-                        out.append(dict(BLOCK_M=bm, ROWS=rows, num_warps=nw, num_stages=ns,
-                                        GATHER_H=gather))
+    for bm in (64, 128):
+        for rows in rows_opts:
+            for nw in (4, 8):
+                for ns in (2, 3, 4):
+                    if bm == 64 and nw == 8:
+                        continue
+                    out.append(dict(BLOCK_M=bm, ROWS=rows, num_warps=nw, num_stages=ns))
     return out
-
-
-def config_key(cfg):
-    flags = "".join(f",{k}" for k in ("GATHER_H", "WS") if cfg.get(k))
-    return "triton[{BLOCK_M},{ROWS},{num_warps},{num_stages}".format(**cfg) + flags + "]"
 
 
 def main():
@@ -124,7 +102,8 @@ def main():
         }
         if not args.no_sweep:
             for cfg in sweep_configs(name):
-                variants[config_key(cfg)] = (lambda c: lambda: triton_rel_pos_attention(q, k, v, rh, rw, config=c))(cfg)
+                key = "triton[{BLOCK_M},{ROWS},{num_warps},{num_stages}]".format(**cfg)
+                variants[key] = (lambda c: lambda: triton_rel_pos_attention(q, k, v, rh, rw, config=c))(cfg)
         for vname, fn in variants.items():
             t0 = time.time()
             try:

@@ -49,8 +49,6 @@ def _rel_pos_attn_fwd(
     EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr,
     IEEE: tl.constexpr,
-    GATHER_H: tl.constexpr = False,
-    WS: tl.constexpr = False,
 ):
     BLOCK_N: tl.constexpr = ROWS * WP
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -93,7 +91,7 @@ def _rel_pos_attn_fwd(
     if D1 > 0:
         acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
 
-    for j in tl.range(0, tl.cdiv(GH, ROWS), warp_specialize=WS):
+    for j in range(0, tl.cdiv(GH, ROWS)):
         kv_row = j * ROWS + n_row
         kv_idx = kv_row * GW + n_col
         kv_ok = col_ok & (kv_row < GH) & (kv_idx < N)
@@ -108,19 +106,14 @@ def _rel_pos_attn_fwd(
             s = tl.dot(q1, k1, s, input_precision=PREC)
         if HAS_BIAS:
             s = s * qk_scale + bias_w
-            if GATHER_H:  # rel_h of every key of the block in one 2-D load (L1-cached repeats)
-                k_row = j * ROWS + n_row
-                bias_h = tl.load(rh_ptr[:, None] + k_row[None, :] * s_hk,
-                                 mask=m_ok[:, None] & (k_row < GH)[None, :], other=0.0)
-                s = s + bias_h.to(tl.float32) * LOG2E
-            else:  # rel_h: one value per query for each of the block's ROWS key-grid rows
-                for r in tl.static_range(ROWS):
-                    col = tl.load(rh_ptr + (j * ROWS + r) * s_hk, mask=m_ok & (j * ROWS + r < GH), other=0.0)
-                    col = col.to(tl.float32) * LOG2E
-                    if ROWS == 1:
-                        s = s + col[:, None]
-                    else:
-                        s = s + tl.where(n_row[None, :] == r, col[:, None], 0.0)
+            # rel_h: one value per query for each of the block's ROWS key-grid rows
+            for r in tl.static_range(ROWS):
+                col = tl.load(rh_ptr + (j * ROWS + r) * s_hk, mask=m_ok & (j * ROWS + r < GH), other=0.0)
+                col = col.to(tl.float32) * LOG2E
+                if ROWS == 1:
+                    s = s + col[:, None]
+                else:
+                    s = s + tl.where(n_row[None, :] == r, col[:, None], 0.0)
         else:
             s = s * qk_scale
         if not EVEN_N:
@@ -164,8 +157,7 @@ def _split_head_dim(d: int) -> Tuple[int, int]:
 
 def kernel_config(n_tokens: int, grid_w: int, head_dim: int, capability: Tuple[int, int]) -> dict:
     """Launch parameters by GPU generation and shape; returns BLOCK_M, ROWS (key-grid rows per
-    key block), num_warps, num_stages, and optionally GATHER_H (rel_h added by one 2-D gathered
-    load per key block instead of ROWS broadcast adds) and WS (Triton's warp-specialised loop).
+    key block), num_warps, num_stages.
 
     Hopper rows come from experiments/bench_attention.py on an H100 (batch 8, bf16;
     experiments/results/attention_h100_b8.json): global 64x64 layers reach ~310 TFLOP/s,
@@ -234,7 +226,6 @@ def _launch(
         HAS_BIAS=has_bias, D0=d0, D1=d1, WP=wp, ROWS=cfg["ROWS"], BLOCK_M=cfg["BLOCK_M"],
         EVEN_M=N % cfg["BLOCK_M"] == 0, EVEN_N=(wp == gw and gh % cfg["ROWS"] == 0 and gh * gw == N),
         IEEE=q.dtype == torch.float32,
-        GATHER_H=cfg.get("GATHER_H", False), WS=cfg.get("WS", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o

@@ -301,7 +301,7 @@ def main(argv=None):
                     help="inductor settings of ours: torch's defaults and/or the torchao tutorial's "
                          "(quantize.InductorSettings.tutorial)")
     ap.add_argument("--ours-mlp-epilogue", nargs="+", default=["off"], choices=["off", "on"],
-                    help="ours with each MLP's lin1 + GELU as one GEMM (mlp_epilogue) and/or without; "
+                    help="ours with each MLP's lin1 + GELU as one GEMM (mlp_epilogue) and/or without (the predictor row: the first); "
                          "column mlp_epilogue, mode suffix /mlp-epilogue")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--fid-images", type=int, default=4)
@@ -466,6 +466,7 @@ def main(argv=None):
             t_orig, m_orig = predictor_e2e(sam, OrigPredictor, image, coords)
             del sam
             free()
+            epilogue = args.ours_mlp_epilogue[0] == "on"  # the first of --ours-mlp-epilogue
             with torch.device("cuda"):
                 sam = build_sam(args.model, attention=args.ours_attention)
             sam.to("cuda")
@@ -473,7 +474,7 @@ def main(argv=None):
             make_fast(sam, dtype=torch.bfloat16, attention=args.ours_attention,
                       compile_mode=args.ours_mode, batch_size=1, regional=args.ours_regional,
                       decoder_mode="reduce-overhead", decoder_buckets=(64,), upscaling="triton",
-                      decoder_attention="triton")
+                      decoder_attention="triton", mlp_epilogue=epilogue)
             for post in args.ours_postprocess:  # same compiled model, each post-processing
                 set_postprocess(sam, post, "default")
                 t = time.time()
@@ -491,6 +492,7 @@ def main(argv=None):
                         f.write(profile(e2e, f"ours predictor e2e (postprocess {post})", cpu=True) + "\n")
                 rows.append(dict(model=args.model, impl="predictor_e2e", mode=args.ours_mode, batch=1,
                                  postprocess=post, status="ok", **compress_columns(),
+                                 mlp_epilogue="on" if epilogue else "off",
                                  orig_fp32_s=t_orig, ours_s=t_ours, speedup=t_orig / t_ours,
                                  mask_iou_min=ious.min().item(), mask_iou_mean=ious.mean().item(),
                                  first_and_timed_s=time.time() - t))

@@ -54,6 +54,10 @@ def main(argv=None):
     p.add_argument("--attention", default=None,
                    help="encoder attention backend: flex (default on cuda), sdpa, triton, math "
                         "(default on cpu)")
+    p.add_argument("--mlp-epilogue", action="store_true",
+                   help="run each encoder MLP's lin1 + GELU as one GEMM with a bias + GELU epilogue "
+                        "(segment_anything_fast.mlp_epilogue; the tanh GELU on CUDA), as "
+                        "build_sam_fast does on CUDA")
     p.add_argument("--no-max-autotune", action="store_true",
                    help="skip kernel autotuning while compiling (faster export, slower package)")
     p.add_argument("--with-mask-decoder", action="store_true",
@@ -90,12 +94,16 @@ def main(argv=None):
               "meaningless; use this only for tests and timing).", flush=True)
     sam = build_sam(config, args.checkpoint, attention=attention)
     sam.image_encoder.to(device=device, dtype=dtype)  # export then needs no copy
+    if args.mlp_epilogue:
+        from segment_anything_fast.mlp_epilogue import set_mlp_epilogue
+
+        set_mlp_epilogue(sam.image_encoder, True)
     if args.with_mask_decoder:
         sam.mask_decoder.to(device=device, dtype=dtype)
     t1 = time.perf_counter()
     print(f"built {name} ({'random weights' if args.checkpoint is None else args.checkpoint}) "
           f"in {t1 - t0:.1f} s; exporting batch {args.batch_size}, {dtype}, {device}, "
-          f"attention={attention} ...", flush=True)
+          f"attention={attention}{', MLP epilogue' if args.mlp_epilogue else ''} ...", flush=True)
     meta = export_image_encoder(sam, args.output, batch_size=args.batch_size, dtype=dtype,
                                 device=device, max_autotune=not args.no_max_autotune,
                                 include_mask_decoder=args.with_mask_decoder,

@@ -290,6 +290,7 @@ def export_image_encoder(
         "encoder_architecture": arch,
         "weights_fingerprint": weights_fingerprint(encoder, dtype),
         "attention": backends,
+        "mlp_epilogue": any(getattr(b.mlp, "fused_epilogue", False) for b in encoder.blocks),
         "batch_size": batch_size,
         "dtype": _dtype_name(dtype),
         "input_shape": [batch_size, 3, arch["img_size"], arch["img_size"]],

@@ -109,7 +109,7 @@ def build_sam_fast(
     if compiled_package is not None and mlp_epilogue:
         raise ValueError(
             "mlp_epilogue=True cannot be combined with compiled_package=: the package is an "
-            "already compiled encoder; export it from a model built with mlp_epilogue=True."
+            "already compiled encoder; export it with scripts/export_package.py --mlp-epilogue instead."
         )
     if compiled_package is not None and (compress != "none" or linears != ENCODER_LINEARS):
         given = "compress=" if compress != "none" else "compress_linears="

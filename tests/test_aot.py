@@ -39,7 +39,7 @@ def exported(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "export_package.py"),
          "--config-json", str(cfg_json), "--checkpoint", str(ckpt), "--batch-size", str(BATCH),
-         "--dtype", "float32", "--device", "cpu", "--with-mask-decoder", "--max-prompts", "16",
+         "--dtype", "float32", "--device", "cpu", "--mlp-epilogue", "--with-mask-decoder", "--max-prompts", "16",
          "--max-prompt-tokens", "8", "--output", str(out)],
         capture_output=True, text=True, env=env, timeout=300,
     )
@@ -79,6 +79,7 @@ def test_metadata_records_build(exported):
     assert meta["package_version"] == __import__("segment_anything_fast").__version__
     assert "random weights" not in exported["stdout"].lower()
     assert meta["decoder"]["max_prompts"] == 16 and meta["decoder"]["max_prompt_tokens"] == 8
+    assert meta["mlp_epilogue"] is True and "MLP epilogue" in exported["stdout"]
     assert "with mask decoder" in exported["stdout"]
 
 

@@ -13,17 +13,14 @@ the exact GELU. ReLU is exact everywhere. Only plain weights qualify: a quantize
 import torch
 from torch import nn
 
+from .quantize import has_plain_weight
+
 _ACTS = (nn.GELU, nn.ReLU)
 
 
 def epilogue_supported(mlp: nn.Module) -> bool:
     """Whether ``mlp`` (an ``MLPBlock``) can run ``lin1`` + activation as one fused GEMM."""
-    lin1 = mlp.lin1
-    return (
-        type(mlp.act) in _ACTS
-        and lin1.bias is not None
-        and type(lin1.weight) in (torch.Tensor, nn.Parameter)
-    )
+    return type(mlp.act) in _ACTS and mlp.lin1.bias is not None and has_plain_weight(mlp.lin1)
 
 
 def linear_act(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:

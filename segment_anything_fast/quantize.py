@@ -101,6 +101,13 @@ def encoder_linear_filter(module: nn.Module, fqn: str, linears: Sequence[str] = 
     return isinstance(module, nn.Linear) and pattern.fullmatch(fqn) is not None
 
 
+def has_plain_weight(linear: nn.Module) -> bool:
+    """Whether ``linear.weight`` is an ordinary dense tensor (not quantized or sparse by
+    :func:`compress`)."""
+    w = linear.weight
+    return type(w) in (torch.Tensor, nn.Parameter) and type(w.data) is torch.Tensor
+
+
 def _encoder_of(model) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects a Sam model or its image_encoder (nn.Module), got {type(model).__name__}")
@@ -258,7 +265,7 @@ def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor]
     if mode == "none":
         return model
     for m in everything:  # also the kinds not selected now: no second pass over a compressed model
-        if type(m.weight) not in (torch.Tensor, nn.Parameter) or type(m.weight.data) is not torch.Tensor:
+        if not has_plain_weight(m):
             raise RuntimeError(
                 f"the image encoder is already compressed (weight is {type(m.weight.data).__name__}); "
                 "compress a freshly built model"

@@ -257,11 +257,15 @@ def point_prompts(pred, image, coords_np):
     return c, torch.ones(c.shape[0], 1, dtype=torch.int, device="cuda")
 
 
-def predictor_e2e(sam, predictor_cls, image, coords_np, iters=10):
-    """Median seconds of set_image + predict_torch for 64 single-point prompts; masks."""
+def predictor_e2e(sam, predictor_cls, image, coords_np, iters=20):
+    """Median seconds of set_image + predict_torch for 64 single-point prompts; masks; and the
+    phases (medians of separate iterations that synchronise after set_image): ``set_host`` until
+    set_image returns, ``set_sync`` until its GPU work is done, ``predict_host`` until
+    predict_torch returns, ``predict_sync`` until its GPU work is done."""
     pred = predictor_cls(sam)
     c, lab = point_prompts(pred, image, coords_np)
     times, masks = [], None
+    phases = {k: [] for k in ("set_host", "set_sync", "predict_host", "predict_sync")}
     for i in range(iters + 2):
         torch.cuda.synchronize()
         t = time.time()
@@ -270,8 +274,21 @@ def predictor_e2e(sam, predictor_cls, image, coords_np, iters=10):
         torch.cuda.synchronize()
         if i >= 2:
             times.append(time.time() - t)
+    for i in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.time()
+        pred.set_image(image)
+        t1 = time.time()
+        torch.cuda.synchronize()
+        t2 = time.time()
+        pred.predict_torch(c, lab, multimask_output=True)
+        t3 = time.time()
+        torch.cuda.synchronize()
+        t4 = time.time()
+        for k, dt in zip(phases, (t1 - t0, t2 - t0, t3 - t2, t4 - t2)):
+            phases[k].append(dt)
     times.sort()
-    return times[len(times) // 2], masks
+    return times[len(times) // 2], masks, {k: float(np.median(v)) for k, v in phases.items()}
 
 
 # ----------------------------------------------------------------------------- main
@@ -433,10 +450,14 @@ def main(argv=None):
                     measure(impl, args.peer_mode, batch,
                             lambda: build_peer(args.model, sd, args.peer_mode), torch.bfloat16)
             elif impl == "ours":
-                from segment_anything_fast.quantize import InductorSettings
+                from segment_anything_fast.quantize import InductorSettings, lin1_epilogue_possible
 
                 for comp, ind, epi in itertools.product(args.ours_compress, args.ours_inductor,
                                                         args.ours_mlp_epilogue):
+                    if epi == "on" and not lin1_epilogue_possible(comp, linears):
+                        log(f"skipped ours_{comp} with the MLP epilogue: {comp} on {'+'.join(linears)} "
+                            "leaves no plain lin1 + GELU to fuse")
+                        continue
                     mode = (f"{args.ours_mode}/{args.ours_attention}"
                             + ("/regional" if args.ours_regional else "")
                             + ("/tutorial-inductor" if ind == "tutorial" else "")
@@ -463,7 +484,7 @@ def main(argv=None):
         coords = rng.random((64, 2)) * np.array([1024, 768])
         try:
             sam, _ = build_original(args.model, sd, torch.float32)
-            t_orig, m_orig = predictor_e2e(sam, OrigPredictor, image, coords)
+            t_orig, m_orig, ph_orig = predictor_e2e(sam, OrigPredictor, image, coords)
             del sam
             free()
             epilogue = args.ours_mlp_epilogue[0] == "on"  # the first of --ours-mlp-epilogue
@@ -478,7 +499,7 @@ def main(argv=None):
             for post in args.ours_postprocess:  # same compiled model, each post-processing
                 set_postprocess(sam, post, "default")
                 t = time.time()
-                t_ours, m_ours = predictor_e2e(sam, SamPredictor, image, coords)
+                t_ours, m_ours, ph_ours = predictor_e2e(sam, SamPredictor, image, coords)
                 ious = iou(m_ours, m_orig)
                 if args.profile:
                     pred = SamPredictor(sam)
@@ -495,11 +516,14 @@ def main(argv=None):
                                  mlp_epilogue="on" if epilogue else "off",
                                  orig_fp32_s=t_orig, ours_s=t_ours, speedup=t_orig / t_ours,
                                  mask_iou_min=ious.min().item(), mask_iou_mean=ious.mean().item(),
-                                 first_and_timed_s=time.time() - t))
+                                 first_and_timed_s=time.time() - t,
+                                 **{f"orig_{k}_s": v for k, v in ph_orig.items()},
+                                 **{f"ours_{k}_s": v for k, v in ph_ours.items()}))
                 save()
                 log(f"predictor e2e (set_image + 64 points, postprocess {post}): original fp32 "
                     f"{t_orig * 1000:.1f} ms, ours {t_ours * 1000:.1f} ms, x{t_orig / t_ours:.1f}, "
-                    f"mask IoU min {ious.min().item():.4f} mean {ious.mean().item():.4f}")
+                    f"mask IoU min {ious.min().item():.4f} mean {ious.mean().item():.4f}; ours' phases (ms): "
+                    + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in ph_ours.items()))
         except Exception as e:
             rows.append(dict(model=args.model, impl="predictor_e2e", status=f"error: {e!r}"[:300],
                              **compress_columns()))

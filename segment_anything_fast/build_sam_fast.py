@@ -11,7 +11,7 @@ import torch
 from .attention import check_backend
 from .build_sam import SamConfig, build_sam, demo_weights
 from .compile import DEFAULT_DECODER_BUCKETS, check_postprocess, make_fast
-from .quantize import ENCODER_LINEARS, check_linears, check_mode
+from .quantize import ENCODER_LINEARS, check_linears, check_mode, lin1_epilogue_possible
 
 
 def _resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -134,7 +134,7 @@ def build_sam_fast(
         sam = build_sam(config, checkpoint, attention=attention)
     sam.to(dev)
     if mlp_epilogue is None:
-        mlp_epilogue = dev.type == "cuda" and (compress == "none" or "lin1" not in linears)
+        mlp_epilogue = dev.type == "cuda" and lin1_epilogue_possible(compress, linears)
     if decoder_attention is None:
         decoder_attention = "triton" if dev.type == "cuda" and _decoder_triton_ok(sam) else "sdpa"
     if postprocess is None:

@@ -35,46 +35,56 @@ def _source(d, scale, n_in):
 
 
 @triton.jit
-def _upscaled(X, r, c, sh, sw, H, W, s_h, s_w, m):
-    """The first upscale at rows ``r``, columns ``c`` of the (padded) input frame, float32."""
+def _upscaled(X, r, c, sh, sw, H, W, s_h, s_w):
+    """The first upscale at rows ``r``, columns ``c`` of the (padded) input frame, float32.
+    The source indices are clamped into the (H, W) grid, so the loads need no mask, also for
+    the out-of-range pixels of a partial tile (whose values are not stored)."""
     r0, r1, a0, a1 = _source(r, sh, H)
     c0, c1, b0, b1 = _source(c, sw, W)
-    v00 = tl.load(X + r0 * s_h + c0 * s_w, mask=m, other=0.0).to(tl.float32)
-    v01 = tl.load(X + r0 * s_h + c1 * s_w, mask=m, other=0.0).to(tl.float32)
-    v10 = tl.load(X + r1 * s_h + c0 * s_w, mask=m, other=0.0).to(tl.float32)
-    v11 = tl.load(X + r1 * s_h + c1 * s_w, mask=m, other=0.0).to(tl.float32)
+    v00 = tl.load(X + r0 * s_h + c0 * s_w).to(tl.float32)
+    v01 = tl.load(X + r0 * s_h + c1 * s_w).to(tl.float32)
+    v10 = tl.load(X + r1 * s_h + c0 * s_w).to(tl.float32)
+    v11 = tl.load(X + r1 * s_h + c1 * s_w).to(tl.float32)
     return a0 * (b0 * v00 + b1 * v01) + a1 * (b0 * v10 + b1 * v11)
 
 
 @triton.jit
-def _full_res(X, offs, s_xh, s_xw, H, W, IH, IW, OH, OW, sh1, sw1, sh2, sw2, RESIZE: tl.constexpr):
-    """Logits at flat output pixels ``offs`` of one mask (``X`` at its logits): (values,
-    in-range mask, rows, columns)."""
-    m = offs < OH * OW
-    y = offs // OW
-    x = offs % OW
-    if RESIZE:  # second bilinear resize, from the (IH, IW) crop to (OH, OW)
+def _full_res(X, y, x, s_xh, s_xw, H, W, IH, IW, sh1, sw1, sh2, sw2, RESIZE: tl.constexpr):
+    """Logits of one mask (``X`` at its logits) at output rows ``y`` and columns ``x``, float32.
+    ``y`` and ``x`` broadcast against each other: as a column and a row of a 2-D tile, each
+    source index and weight is computed once per row or column, not per pixel."""
+    if RESIZE:  # second bilinear resize, from the (IH, IW) crop to the output size
         y0, y1, a0, a1 = _source(y, sh2, IH)
         x0, x1, b0, b1 = _source(x, sw2, IW)
-        v = (a0 * (b0 * _upscaled(X, y0, x0, sh1, sw1, H, W, s_xh, s_xw, m)
-                   + b1 * _upscaled(X, y0, x1, sh1, sw1, H, W, s_xh, s_xw, m))
-             + a1 * (b0 * _upscaled(X, y1, x0, sh1, sw1, H, W, s_xh, s_xw, m)
-                     + b1 * _upscaled(X, y1, x1, sh1, sw1, H, W, s_xh, s_xw, m)))
+        v = (a0 * (b0 * _upscaled(X, y0, x0, sh1, sw1, H, W, s_xh, s_xw)
+                   + b1 * _upscaled(X, y0, x1, sh1, sw1, H, W, s_xh, s_xw))
+             + a1 * (b0 * _upscaled(X, y1, x0, sh1, sw1, H, W, s_xh, s_xw)
+                     + b1 * _upscaled(X, y1, x1, sh1, sw1, H, W, s_xh, s_xw)))
     else:
-        v = _upscaled(X, y, x, sh1, sw1, H, W, s_xh, s_xw, m)
-    return v, m, y, x
+        v = _upscaled(X, y, x, sh1, sw1, H, W, s_xh, s_xw)
+    return v
+
+
+@triton.jit
+def _tile(OW, OH, BY: tl.constexpr, BX: tl.constexpr):
+    """Rows (BY, 1), columns (1, BX) and in-range mask (BY, BX) of output tile program_id(0),
+    tiles numbered row-major over the (OH, OW) image."""
+    tiles_x = tl.cdiv(OW, BX)
+    t = tl.program_id(0)
+    y = (t // tiles_x) * BY + tl.arange(0, BY)[:, None]
+    x = (t % tiles_x) * BX + tl.arange(0, BX)[None, :]
+    return y, x, (y < OH) & (x < OW)
 
 
 @triton.jit
 def _postprocess_fwd(X, O, s_xn, s_xh, s_xw, H, W, IH, IW, OH, OW, sh1, sw1, sh2, sw2, thr,
-                     RESIZE: tl.constexpr, LOGITS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (i, n): output pixels i * BLOCK ... of mask n (row-major (OH, OW))."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                     RESIZE: tl.constexpr, LOGITS: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr):
+    """Program (i, n): output tile i (BY rows x BX columns) of mask n (row-major (OH, OW))."""
+    y, x, m = _tile(OW, OH, BY, BX)
     n = tl.program_id(1).to(tl.int64)
-    v, m, _, _ = _full_res(X + n * s_xn, offs, s_xh, s_xw, H, W, IH, IW, OH, OW,
-                           sh1, sw1, sh2, sw2, RESIZE)
+    v = _full_res(X + n * s_xn, y, x, s_xh, s_xw, H, W, IH, IW, sh1, sw1, sh2, sw2, RESIZE)
     out = v if LOGITS else v > thr
-    tl.store(O + n * OH * OW + offs, out, mask=m)
+    tl.store(O + n * OH * OW + y * OW + x, out, mask=m)
 
 
 @triton.jit
@@ -93,30 +103,32 @@ def _packed_fwd(X, O, T, S, s_xn, s_xh, s_xw, H, W, sh1, sw1, thr, BLOCK: tl.con
         sh2 = tl.load(S + 2 * n)
         sw2 = tl.load(S + 2 * n + 1)
         x = X + n * s_xn
+        m = offs < oh * ow
+        row = offs // ow
+        col = offs % ow
         if (ih == oh) & (iw == ow):
-            v, m, _, _ = _full_res(x, offs, s_xh, s_xw, H, W, ih, iw, oh, ow, sh1, sw1, sh2, sw2, False)
+            v = _full_res(x, row, col, s_xh, s_xw, H, W, ih, iw, sh1, sw1, sh2, sw2, False)
         else:
-            v, m, _, _ = _full_res(x, offs, s_xh, s_xw, H, W, ih, iw, oh, ow, sh1, sw1, sh2, sw2, True)
+            v = _full_res(x, row, col, s_xh, s_xw, H, W, ih, iw, sh1, sw1, sh2, sw2, True)
         tl.store(O + start + offs, v > thr, mask=m)
 
 
 @triton.jit
 def _scores_fwd(X, COUNTS, BOX, s_xn, s_xh, s_xw, H, W, IH, IW, OH, OW, sh1, sw1, sh2, sw2,
-                thr, hi, lo, RESIZE: tl.constexpr, BLOCK: tl.constexpr):
+                thr, hi, lo, RESIZE: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr):
     """Program (i, n): pixel counts above ``hi`` and ``lo`` (COUNTS[n, 0:2]) and the extent
-    of the pixels above ``thr`` (BOX[n] = min x, min y, max x, max y) over pixels i * BLOCK ...
-    of mask n, merged with atomics."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    of the pixels above ``thr`` (BOX[n] = min x, min y, max x, max y) over output tile i
+    (see :func:`_postprocess_fwd`) of mask n, merged with atomics."""
+    y, x, m = _tile(OW, OH, BY, BX)
     n = tl.program_id(1).to(tl.int64)
-    v, m, y, x = _full_res(X + n * s_xn, offs, s_xh, s_xw, H, W, IH, IW, OH, OW,
-                           sh1, sw1, sh2, sw2, RESIZE)
-    tl.atomic_add(COUNTS + 2 * n, tl.sum((m & (v > hi)).to(tl.int32), axis=0))
-    tl.atomic_add(COUNTS + 2 * n + 1, tl.sum((m & (v > lo)).to(tl.int32), axis=0))
+    v = _full_res(X + n * s_xn, y, x, s_xh, s_xw, H, W, IH, IW, sh1, sw1, sh2, sw2, RESIZE)
+    tl.atomic_add(COUNTS + 2 * n, tl.sum(tl.sum((m & (v > hi)).to(tl.int32), axis=1), axis=0))
+    tl.atomic_add(COUNTS + 2 * n + 1, tl.sum(tl.sum((m & (v > lo)).to(tl.int32), axis=1), axis=0))
     on = m & (v > thr)
-    tl.atomic_min(BOX + 4 * n, tl.min(tl.where(on, x, OW), axis=0))
-    tl.atomic_min(BOX + 4 * n + 1, tl.min(tl.where(on, y, OH), axis=0))
-    tl.atomic_max(BOX + 4 * n + 2, tl.max(tl.where(on, x, -1), axis=0))
-    tl.atomic_max(BOX + 4 * n + 3, tl.max(tl.where(on, y, -1), axis=0))
+    tl.atomic_min(BOX + 4 * n, tl.min(tl.min(tl.where(on, x, OW), axis=1), axis=0))
+    tl.atomic_min(BOX + 4 * n + 1, tl.min(tl.min(tl.where(on, y, OH), axis=1), axis=0))
+    tl.atomic_max(BOX + 4 * n + 2, tl.max(tl.max(tl.where(on, x, -1), axis=1), axis=0))
+    tl.atomic_max(BOX + 4 * n + 3, tl.max(tl.max(tl.where(on, y, -1), axis=1), axis=0))
 
 
 def _scale(n_in: int, n_out: int) -> float:
@@ -157,8 +169,14 @@ def _geometry(sam, low_res: torch.Tensor, input_size, original_size):
     return h, w, ih, iw, oh, ow, (sh1, sw1, _scale(ih, oh), _scale(iw, ow))
 
 
-_BLOCK = 1024
+_BLOCK = 1024  # pixels per program of the flat (packed) kernel
+_TILE = (4, 256)  # rows x columns per program of the 2-D kernels (H200 sweep: README)
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (masks): larger counts go in chunks
+
+
+def _tiles(oh: int, ow: int) -> int:
+    """Programs per mask of the 2-D kernels (see :func:`_tile`)."""
+    return triton.cdiv(oh, _TILE[0]) * triton.cdiv(ow, _TILE[1])
 
 
 def _mask_chunks(n: int):
@@ -176,9 +194,10 @@ def masks_from_logits(sam, low_res: torch.Tensor, input_size: Tuple[int, ...],
     out = torch.empty((x.shape[0], oh, ow), device=low_res.device,
                       dtype=torch.float32 if return_logits else torch.bool)
     for a, b in _mask_chunks(x.shape[0]):
-        _postprocess_fwd[(triton.cdiv(oh * ow, _BLOCK), b - a)](
+        _postprocess_fwd[(_tiles(oh, ow), b - a)](
             x[a:b], out[a:b], *x.stride(), h, w, ih, iw, oh, ow, *scales, float(sam.mask_threshold),
-            RESIZE=(oh, ow) != (ih, iw), LOGITS=bool(return_logits), BLOCK=_BLOCK, num_warps=4,
+            RESIZE=(oh, ow) != (ih, iw), LOGITS=bool(return_logits), BY=_TILE[0], BX=_TILE[1],
+            num_warps=4,
         )
     return out.reshape(*lead, oh, ow)
 
@@ -248,9 +267,10 @@ def mask_scores(sam, low_res: torch.Tensor, input_size: Tuple[int, ...], origina
     box[:, 0], box[:, 1] = ow, oh
     thr = float(sam.mask_threshold)
     for a, b in _mask_chunks(n):
-        _scores_fwd[(triton.cdiv(oh * ow, _BLOCK), b - a)](
+        _scores_fwd[(_tiles(oh, ow), b - a)](
             x[a:b], counts[a:b], box[a:b], *x.stride(), h, w, ih, iw, oh, ow, *scales, thr,
-            thr + offset, thr - offset, RESIZE=(oh, ow) != (ih, iw), BLOCK=_BLOCK, num_warps=4,
+            thr + offset, thr - offset, RESIZE=(oh, ow) != (ih, iw), BY=_TILE[0], BX=_TILE[1],
+            num_warps=4,
         )
     stability = counts[:, 0] / counts[:, 1]
     box = box.long()

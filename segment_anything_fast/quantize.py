@@ -33,6 +33,10 @@ Modes (``COMPRESS_MODES``):
   sparse_2_4        our 2:4 pruning (magnitude, or Wanda with ``calibration``; see
                     ``sparsity.py``), then ``torch.sparse.to_sparse_semi_structured``;
                     CUDA capability >= 8.0, bf16/fp16 model.
+  fp8_triton        the arithmetic of ``fp8`` (per-row scales, ``torch._scaled_mm``), but the
+                    weights quantized by us and the activations by our Triton kernel, with
+                    the MLP's GELU fused into the quantization of ``lin2``'s input
+                    (``fp8_linear.py``: why). CUDA capability >= 8.9, bf16 model; no torchao.
   fp8_sparse_2_4    2:4 pruning, then fp8 per-row with torchao's CUTLASS 2:4 fp8 kernel;
                     CUDA capability >= 9.0 (Hopper), bf16 model. The compressed linears become
                     ``FlatInputLinear`` (same parameters) to feed that kernel 2-D inputs.
@@ -52,8 +56,9 @@ import torch
 from torch import nn
 
 from .sparsity import input_channel_norms, prune_linears_2_4_, sparse_gpu_problem, to_semi_structured_
+from .triton_env import interpreting
 
-COMPRESS_MODES = ("none", "int8_dynamic", "int8_weight_only", "fp8", "sparse_2_4", "fp8_sparse_2_4")
+COMPRESS_MODES = ("none", "int8_dynamic", "int8_weight_only", "fp8", "sparse_2_4", "fp8_sparse_2_4", "fp8_triton")
 _TORCHAO_MODES = ("int8_dynamic", "int8_weight_only", "fp8", "fp8_sparse_2_4")
 _SPARSE_MODES = ("sparse_2_4", "fp8_sparse_2_4")
 
@@ -102,10 +107,21 @@ def encoder_linear_filter(module: nn.Module, fqn: str, linears: Sequence[str] = 
 
 
 def has_plain_weight(linear: nn.Module) -> bool:
-    """Whether ``linear.weight`` is an ordinary dense tensor (not quantized or sparse by
-    :func:`compress`)."""
+    """Whether ``linear`` is an ``nn.Linear`` whose weight is an ordinary dense tensor (not
+    quantized, sparse or replaced by :func:`compress`)."""
+    if not isinstance(linear, nn.Linear):
+        return False
     w = linear.weight
     return type(w) in (torch.Tensor, nn.Parameter) and type(w.data) is torch.Tensor
+
+
+def lin1_epilogue_possible(mode: str, linears: Sequence[str]) -> bool:
+    """Whether, after ``compress(..., mode, linears=linears)``, the MLPs can still run lin1 +
+    GELU as one GEMM (``mlp_epilogue``): lin1 stays plain, and ``fp8_triton`` has not moved the
+    GELU into lin2's input quantization."""
+    if mode == "none":
+        return True
+    return "lin1" not in linears and not (mode == "fp8_triton" and "lin2" in linears)
 
 
 def _encoder_of(model) -> nn.Module:
@@ -157,6 +173,8 @@ def _capability_problem(device: torch.device, need: tuple, what: str) -> Optiona
 _BF16 = (torch.bfloat16,)
 _REQUIREMENTS = {
     "fp8": (lambda d: _capability_problem(d, (8, 9), "fp8 matmuls need an Ada/Hopper or newer GPU"), _BF16),
+    "fp8_triton": (lambda d: None if d.type == "cpu" and interpreting() else
+                   _capability_problem(d, (8, 9), "fp8 matmuls need an Ada/Hopper or newer GPU"), _BF16),
     "fp8_sparse_2_4": (lambda d: _capability_problem(d, (9, 0), "torchao's CUTLASS fp8 2:4 kernel needs a Hopper GPU"), _BF16),
     "sparse_2_4": (sparse_gpu_problem, (torch.bfloat16, torch.float16)),
 }
@@ -248,6 +266,10 @@ def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor]
     check_mode(mode)
     selected = check_linears(linears)
     encoder = _encoder_of(model)
+    from .fp8_linear import Fp8Linear
+
+    if any(isinstance(m, Fp8Linear) for m in encoder.modules()):
+        raise RuntimeError("the image encoder is already compressed (fp8_triton linears); compress a freshly built model")
     everything = [m for n, m in encoder.named_modules() if encoder_linear_filter(m, n)]
     if not everything:
         raise ValueError(
@@ -290,6 +312,10 @@ def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor]
         flatten_linear_inputs_(encoder, filter_fn)
     if mode == "sparse_2_4":
         to_semi_structured_(encoder, filter_fn)
+    elif mode == "fp8_triton":
+        from .fp8_linear import to_fp8_linears_
+
+        to_fp8_linears_(encoder, filter_fn)
     else:
         q.quantize_(encoder, _torchao_config(q, mode), filter_fn=filter_fn)
     return model

@@ -17,6 +17,8 @@ sys.path.insert(0, ROOT)
 import aoti_load_check  # noqa: E402
 import bench_amg  # noqa: E402
 import bench_encoder  # noqa: E402
+import bench_fp8_quant  # noqa: E402
+import bench_postprocess  # noqa: E402
 import cold_start  # noqa: E402
 import demo_fidelity  # noqa: E402
 import run_experiments  # noqa: E402
@@ -148,6 +150,26 @@ def test_bench_encoder_compress_linears_columns(capsys):
     with pytest.raises(SystemExit) as e:
         bench_encoder.main(["--ours-mlp-epilogue", "maybe"])
     assert e.value.code == 2 and "invalid choice: 'maybe'" in capsys.readouterr().err
+
+
+@pytest.mark.bad_input
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU errors")
+def test_gpu_kernel_benches_refuse_bad_flags_and_the_cpu(capsys, tmp_path):
+    """bench_postprocess / bench_fp8_quant time GPU kernels: a clear parser error without CUDA,
+    and for unusable flags before any work."""
+    for main, argv in ((bench_postprocess.main, []), (bench_fp8_quant.main, [])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+    for argv, err in ((["--tiles", "3x100"], "two powers of two"), (["--tiles", "8by128"], "ROWSxCOLS"),
+                      (["--baseline", str(tmp_path / "missing.py")], "is not a file")):
+        with pytest.raises(SystemExit) as e:
+            bench_postprocess.main(argv)
+        assert e.value.code == 2 and err in capsys.readouterr().err
+    # the cases and the reference quantization
+    assert bench_postprocess.CASES[0] == (64, 3, (768, 1024), (768, 1024))
+    ref_q, ref_s = bench_fp8_quant.reference(torch.tensor([[1.0, -2.0, 448.0]]), "none")
+    assert torch.equal(ref_q.float(), torch.tensor([[1.0, -2.0, 448.0]])) and ref_s.item() == 1.0
 
 
 def test_waterfall_settings_accumulate():

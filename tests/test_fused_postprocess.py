@@ -21,6 +21,8 @@ _CHILD = textwrap.dedent(
     from segment_anything_fast.fused_postprocess import masks_from_logits
     from segment_anything_fast.predictor import SamPredictor
 
+    import segment_anything_fast.fused_postprocess as fp
+    fp._TILE = (32, 128)  # partial tiles at these sizes; few programs (the interpreter's cost)
     sam = build_sam("tiny").eval()  # 128 px input, 32x32 low-res masks (scale 4)
     g = torch.Generator().manual_seed(0)
     cases = [  # low-res (h, w), input size, original size, dtype

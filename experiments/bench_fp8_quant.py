@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from segment_anything_fast.fp8_linear import FP8, quantize_rows  # noqa: E402
-from bench_postprocess import time_ms  # noqa: E402  (experiments/ is on sys.path when run as a script)
+from bench_attention import bench  # noqa: E402  (experiments/ is on sys.path when run as a script)
 
 # (rows, width, act): vit_h's qkv / proj / lin1 inputs, its lin2 input (GELU fused), vit_b's
 SHAPES = [(32768, 1280, "none"), (32768, 5120, "gelu"), (32768, 5120, "none"), (32768, 768, "none"),
@@ -53,9 +53,9 @@ def main(argv=None):
         rq, rs = compiled(x, act)
         agree = (q.float() == rq.float()).float().mean().item()
         gb = m * k * 3 / 1e9  # 2 bytes in, 1 byte out per element
-        ours = time_ms(lambda: quantize_rows(x, act), args.iters)
-        ind = time_ms(lambda: compiled(x, act), args.iters)
-        sweep = {f"ours_{n}_ms": time_ms(lambda: quantize_rows(x, act, row_elements=n), args.iters)
+        ours = bench(lambda: quantize_rows(x, act), args.iters)
+        ind = bench(lambda: compiled(x, act), args.iters)
+        sweep = {f"ours_{n}_ms": bench(lambda: quantize_rows(x, act, row_elements=n), args.iters)
                  for n in args.row_elements}
         rows.append(dict(rows=m, width=k, act=act, ours_ms=ours, inductor_ms=ind, ours_gb_s=gb / ours * 1e3,
                          inductor_gb_s=gb / ind * 1e3, same_fp8_fraction=agree, **sweep))

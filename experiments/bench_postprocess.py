@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 
 import segment_anything_fast  # noqa: E402
 from segment_anything_fast import fused_postprocess  # noqa: E402
+from bench_attention import bench  # noqa: E402  (experiments/ is on sys.path when run as a script)
 
 # (prompts, masks per prompt, input size, original size) of 256x256 low-res logits: the
 # predictor's 64 prompts x 3 multimask outputs (a slice of the decoder's 4) of a 768x1024 image
@@ -38,22 +39,6 @@ def load_baseline(path: str):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
-
-
-def time_ms(fn, iters: int) -> float:
-    """Median milliseconds of ``fn`` over ``iters`` CUDA-event timed calls after 3 warm-ups."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main(argv=None):
@@ -95,8 +80,8 @@ def main(argv=None):
             scores = lambda: mod.mask_scores(sam, low.reshape(-1, lr, lr), input_size, original_size, 1.0)  # noqa: E731
             outs[name] = (masks(), scores())
             row = dict(impl=name, masks=int(low.reshape(-1, lr, lr).shape[0]), input_size=list(input_size),
-                       original_size=list(original_size), masks_ms=time_ms(masks, args.iters),
-                       scores_ms=time_ms(scores, args.iters))
+                       original_size=list(original_size), masks_ms=bench(masks, args.iters),
+                       scores_ms=bench(scores, args.iters))
             px = row["masks"] * original_size[0] * original_size[1]
             row["masks_gpx_per_s"] = px / row["masks_ms"] / 1e6
             rows.append(row)

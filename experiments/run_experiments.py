@@ -1,7 +1,7 @@
 """Waterfall sweep of eval_combo: each step adds one technique to the previous ones.
 
     fp32 -> bf16 -> compile -> fused_attention -> batched_prompts -> fused_upscale -> fused_decoder_attention
-    -> fused_postprocess -> fused_preprocess -> mlp_epilogue -> int8 -> fp8 -> sparse_2_4
+    -> fused_postprocess -> fused_preprocess -> mlp_epilogue -> int8 -> fp8 -> fp8_triton -> sparse_2_4
     (-> fp8_sparse_2_4)
 
 The compression steps each replace the previous compression (int8, then fp8, then 2:4 ...)
@@ -49,6 +49,7 @@ STEPS = (
     # compression quantizes lin1 too, which the fused epilogue cannot take
     ("int8", {"compress": "int8_dynamic", "mlp_epilogue": "off"}),
     ("fp8", {"compress": "fp8"}),
+    ("fp8_triton", {"compress": "fp8_triton"}),  # fp8 with our activation quantization
     ("sparse_2_4", {"compress": "sparse_2_4"}),
     ("fp8_sparse_2_4", {"compress": "fp8_sparse_2_4"}),
 )

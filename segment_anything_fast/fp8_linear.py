@@ -6,13 +6,13 @@ with the bias, bf16 out. What differs is who quantizes the activations. Under to
 torchao's per-row amax + cast fuses with its producer into inductor kernels that run far below
 memory speed: on vit_h (batch 8, H200) the one fused with the MLP's GELU took 23 ms of a 102 ms
 encoder for 0.5 GB of traffic, the ones fused with the layer norms ~11 ms (README). Here one
-Triton kernel (:func:`quantize_rows`) reads each row once (whole rows in registers) and
-writes fp8 once, and the MLP's GELU is applied inside the
-quantization of ``lin2``'s input (in its tanh form, see :func:`_act`), so the 4x-wide hidden activation is written once in bf16
-and read back once (``mlp.act`` becomes ``nn.Identity``).
+Triton kernel (:func:`quantize_rows`) reads each row once (whole rows in registers) and writes
+fp8 once, and the MLP's GELU is applied inside the quantization of ``lin2``'s input (in its
+tanh form, see :func:`_act`; ``mlp.act`` becomes ``nn.Identity``), so the 4x-wide hidden
+activation is written once in bf16 and read back once.
 
 Weights are quantized once by :meth:`Fp8Linear.from_linear` (the state dict then holds the fp8
-weight and its scales, not the original keys). Needs CUDA compute capability >= 8.9 (fp8
+``weight``, a ``weight_scale`` and the ``bias``: load checkpoints before compressing). Needs CUDA compute capability >= 8.9 (fp8
 matmuls) and a bf16 model; on CPU tensors it runs under ``TRITON_INTERPRET=1`` (tests), with
 PyTorch's CPU ``_scaled_mm``.
 """

@@ -187,6 +187,7 @@ def test_waterfall_settings_accumulate():
                              mlp_epilogue="off")
     assert s["fused_preprocess"]["mlp_epilogue"] == "off" and s["mlp_epilogue"]["mlp_epilogue"] == "on"
     assert s["fp8"]["compress"] == "fp8" and s["fp8"]["prompt_batching"] == "nested"
+    assert s["fp8_triton"]["compress"] == "fp8_triton" and s["fp8_triton"]["mlp_epilogue"] == "off"
 
 
 def test_every_step_setting_reaches_eval_combo():

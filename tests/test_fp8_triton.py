@@ -2,7 +2,6 @@
 
 The kernel runs under the Triton interpreter, which must be on before the kernel is defined,
 so those checks run in a child process; PyTorch's CPU ``_scaled_mm`` does the fp8 matmuls."""
-import copy
 import os
 import subprocess
 import sys

@@ -12,9 +12,9 @@ tanh form, see :func:`_act`; ``mlp.act`` becomes ``nn.Identity``), so the 4x-wid
 activation is written once in bf16 and read back once.
 
 Weights are quantized once by :meth:`Fp8Linear.from_linear` (the state dict then holds the fp8
-``weight``, a ``weight_scale`` and the ``bias``: load checkpoints before compressing). Needs CUDA compute capability >= 8.9 (fp8
-matmuls) and a bf16 model; on CPU tensors it runs under ``TRITON_INTERPRET=1`` (tests), with
-PyTorch's CPU ``_scaled_mm``.
+``weight``, a ``weight_scale`` and the ``bias``: load checkpoints before compressing). Needs CUDA
+compute capability >= 8.9 (fp8 matmuls) and a bf16 model; on CPU tensors it runs under
+``TRITON_INTERPRET=1`` (tests), with PyTorch's CPU ``_scaled_mm``.
 """
 from typing import Optional, Tuple
 
@@ -55,9 +55,9 @@ def _round_to_e4m3(x):
 
 
 @triton.jit
-def _to_fp8(x, inv, Q, offs, ok, ROUND_GRID: tl.constexpr):
+def _to_fp8(x, inv, Q, offs, ok, FMAX: tl.constexpr, ROUND_GRID: tl.constexpr):
     """Store ``x * inv`` (per-row ``inv`` (BLOCK_M,)) as float8 e4m3 at ``Q + offs``."""
-    q = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
+    q = tl.minimum(tl.maximum(x * inv[:, None], -FMAX), FMAX)
     if ROUND_GRID:
         q = _round_to_e4m3(q)
     tl.store(Q + offs, q.to(Q.dtype.element_ty), mask=ok)
@@ -65,10 +65,11 @@ def _to_fp8(x, inv, Q, offs, ok, ROUND_GRID: tl.constexpr):
 
 @triton.jit
 def _quantize_rows_fwd(X, Q, S, M, K, s_xm, s_xk, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                       KA: tl.constexpr, KB: tl.constexpr, ROUND_GRID: tl.constexpr):
+                       KA: tl.constexpr, KB: tl.constexpr, FMAX: tl.constexpr, EPS: tl.constexpr,
+                       ROUND_GRID: tl.constexpr):
     """Program i: rows i * BLOCK_M ... of X, each held whole in registers as two power-of-two
     column tiles, [0, KA) and [KA, KA + KB) (KB = 0: one tile; masked past K): S = max(amax(
-    |act(x)|), eps) / FP8_MAX per row and Q = act(x) / S in float8 e4m3, rounded to nearest even
+    |act(x)|), EPS) / FMAX per row and Q = act(x) / S in float8 e4m3, rounded to nearest even
     (by the cast, or first onto the e4m3 grid with ``ROUND_GRID``). One read of X, one write."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -83,12 +84,12 @@ def _quantize_rows_fwd(X, Q, S, M, K, s_xm, s_xk, ACT: tl.constexpr, BLOCK_M: tl
         ok_b = row_ok[:, None] & (cb < K)[None, :]
         xb = _act(tl.load(x_rows + cb[None, :] * s_xk, mask=ok_b, other=0.0).to(tl.float32), ACT)
         amax = tl.maximum(amax, tl.max(tl.abs(xb), axis=1))
-    scale = tl.maximum(amax, 1e-12) / 448.0
+    scale = tl.maximum(amax, EPS) / FMAX
     tl.store(S + rows, scale, mask=row_ok)
     inv = 1.0 / scale
-    _to_fp8(xa, inv, Q, q_rows + ca[None, :], ok_a, ROUND_GRID)
+    _to_fp8(xa, inv, Q, q_rows + ca[None, :], ok_a, FMAX, ROUND_GRID)
     if KB > 0:
-        _to_fp8(xb, inv, Q, q_rows + cb[None, :], ok_b, ROUND_GRID)
+        _to_fp8(xb, inv, Q, q_rows + cb[None, :], ok_b, FMAX, ROUND_GRID)
 
 
 _ROW_ELEMENTS = 4096  # elements per program: whole rows, as many as fit (at least one)
@@ -116,6 +117,7 @@ def _launch_quantize(x: torch.Tensor, act: str, row_elements: int = _ROW_ELEMENT
     cfg = _launch_config(k, row_elements)
     if m:
         _quantize_rows_fwd[(triton.cdiv(m, cfg["BLOCK_M"]),)](x, q, s, m, k, *x.stride(), ACT=act,
+                                                             FMAX=FP8_MAX, EPS=_MIN_AMAX,
                                                              ROUND_GRID=interpreting(), **cfg)
     return q, s
 
@@ -132,7 +134,7 @@ def _(x, act):
 
 def quantize_rows(x: torch.Tensor, act: str = "none", row_elements: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(M, K) activations -> (``act(x)`` / scale in float8 e4m3 (M, K), float32 scales (M, 1)),
-    one scale per row (amax / 448). ``act``: "none" or "gelu" (tanh form). A custom op, so
+    one scale per row (amax / FP8_MAX). ``act``: "none" or "gelu" (tanh form). A custom op, so
     ``torch.compile`` keeps the kernel whole. ``row_elements`` (benchmarks only) overrides the
     tile size of :func:`_launch_config` and bypasses the op."""
     if act not in ACTIVATIONS:

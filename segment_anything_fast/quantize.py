@@ -36,7 +36,13 @@ Modes (``COMPRESS_MODES``):
   fp8_triton        the arithmetic of ``fp8`` (per-row scales, ``torch._scaled_mm``), but the
                     weights quantized by us and the activations by our Triton kernel, with
                     the MLP's GELU fused into the quantization of ``lin2``'s input
-                    (``fp8_linear.py``: why). CUDA capability >= 8.9, bf16 model; no torchao.
+                    (``fp8_linear.py``: why). The layer norms in front of qkv / lin1 are
+                    applied inside the same kernel. CUDA capability >= 8.9, bf16 model; no
+                    torchao.
+  int8_triton       the arithmetic of ``int8_dynamic`` (per-row int8 weights and activations),
+                    activations quantized by the same kernel as ``fp8_triton`` (norms and GELU
+                    fused) and the matmul by our Triton kernel with the scales and bias in its
+                    epilogue (``int8_linear.py``). CUDA capability >= 8.0, bf16 model; no torchao.
   fp8_sparse_2_4    2:4 pruning, then fp8 per-row with torchao's CUTLASS 2:4 fp8 kernel;
                     CUDA capability >= 9.0 (Hopper), bf16 model. The compressed linears become
                     ``FlatInputLinear`` (same parameters) to feed that kernel 2-D inputs.
@@ -58,7 +64,9 @@ from torch import nn
 from .sparsity import input_channel_norms, prune_linears_2_4_, sparse_gpu_problem, to_semi_structured_
 from .triton_env import interpreting
 
-COMPRESS_MODES = ("none", "int8_dynamic", "int8_weight_only", "fp8", "sparse_2_4", "fp8_sparse_2_4", "fp8_triton")
+COMPRESS_MODES = ("none", "int8_dynamic", "int8_weight_only", "fp8", "sparse_2_4", "fp8_sparse_2_4", "fp8_triton",
+                  "int8_triton")
+_ROW_QUANT_MODES = ("fp8_triton", "int8_triton")  # our RowQuantLinear modules (GELU / norms moved in)
 _TORCHAO_MODES = ("int8_dynamic", "int8_weight_only", "fp8", "fp8_sparse_2_4")
 _SPARSE_MODES = ("sparse_2_4", "fp8_sparse_2_4")
 
@@ -117,11 +125,11 @@ def has_plain_weight(linear: nn.Module) -> bool:
 
 def lin1_epilogue_possible(mode: str, linears: Sequence[str]) -> bool:
     """Whether, after ``compress(..., mode, linears=linears)``, the MLPs can still run lin1 +
-    GELU as one GEMM (``mlp_epilogue``): lin1 stays plain, and ``fp8_triton`` has not moved the
-    GELU into lin2's input quantization."""
+    GELU as one GEMM (``mlp_epilogue``): lin1 stays plain, and ``fp8_triton`` / ``int8_triton``
+    have not moved the GELU into lin2's input quantization."""
     if mode == "none":
         return True
-    return "lin1" not in linears and not (mode == "fp8_triton" and "lin2" in linears)
+    return "lin1" not in linears and not (mode in _ROW_QUANT_MODES and "lin2" in linears)
 
 
 def _encoder_of(model) -> nn.Module:
@@ -179,6 +187,8 @@ _REQUIREMENTS = {
     "fp8": (_fp8_problem, _BF16),
     # on the CPU our kernel runs in the Triton interpreter (tests)
     "fp8_triton": (lambda d: None if d.type == "cpu" and interpreting() else _fp8_problem(d), _BF16),
+    "int8_triton": (lambda d: None if d.type == "cpu" and interpreting() else _capability_problem(
+        d, (8, 0), "int8_triton's Triton matmul needs int8 tensor cores (an Ampere or newer GPU)"), _BF16),
     "fp8_sparse_2_4": (lambda d: _capability_problem(d, (9, 0), "torchao's CUTLASS fp8 2:4 kernel needs a Hopper GPU"), _BF16),
     "sparse_2_4": (sparse_gpu_problem, (torch.bfloat16, torch.float16)),
 }
@@ -270,10 +280,11 @@ def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor]
     check_mode(mode)
     selected = check_linears(linears)
     encoder = _encoder_of(model)
-    from .fp8_linear import Fp8Linear
+    from .fp8_linear import RowQuantLinear
 
-    if any(isinstance(m, Fp8Linear) for m in encoder.modules()):
-        raise RuntimeError("the image encoder is already compressed (fp8_triton linears); compress a freshly built model")
+    done = next((m for m in encoder.modules() if isinstance(m, RowQuantLinear)), None)
+    if done is not None:
+        raise RuntimeError(f"the image encoder is already compressed ({done.MODE} linears); compress a freshly built model")
     everything = [m for n, m in encoder.named_modules() if encoder_linear_filter(m, n)]
     if not everything:
         raise ValueError(
@@ -316,10 +327,11 @@ def compress(model: nn.Module, mode: str, *, calibration: Optional[torch.Tensor]
         flatten_linear_inputs_(encoder, filter_fn)
     if mode == "sparse_2_4":
         to_semi_structured_(encoder, filter_fn)
-    elif mode == "fp8_triton":
-        from .fp8_linear import to_fp8_linears_
+    elif mode in _ROW_QUANT_MODES:
+        from .fp8_linear import Fp8Linear, to_row_quant_linears_
+        from .int8_linear import Int8Linear
 
-        to_fp8_linears_(encoder, filter_fn)
+        to_row_quant_linears_(encoder, filter_fn, Fp8Linear if mode == "fp8_triton" else Int8Linear)
     else:
         q.quantize_(encoder, _torchao_config(q, mode), filter_fn=filter_fn)
     return model

@@ -18,6 +18,7 @@ import aoti_load_check  # noqa: E402
 import bench_amg  # noqa: E402
 import bench_encoder  # noqa: E402
 import bench_fp8_quant  # noqa: E402
+import bench_int8_matmul  # noqa: E402
 import bench_postprocess  # noqa: E402
 import cold_start  # noqa: E402
 import demo_fidelity  # noqa: E402
@@ -155,9 +156,9 @@ def test_bench_encoder_compress_linears_columns(capsys):
 @pytest.mark.bad_input
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU errors")
 def test_gpu_kernel_benches_refuse_bad_flags_and_the_cpu(capsys, tmp_path):
-    """bench_postprocess / bench_fp8_quant time GPU kernels: a clear parser error without CUDA,
+    """bench_postprocess / bench_fp8_quant / bench_int8_matmul time GPU kernels: a clear parser error without CUDA,
     and for unusable flags before any work."""
-    for main, argv in ((bench_postprocess.main, []), (bench_fp8_quant.main, [])):
+    for main, argv in ((bench_postprocess.main, []), (bench_fp8_quant.main, []), (bench_int8_matmul.main, [])):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
@@ -166,10 +167,19 @@ def test_gpu_kernel_benches_refuse_bad_flags_and_the_cpu(capsys, tmp_path):
         with pytest.raises(SystemExit) as e:
             bench_postprocess.main(argv)
         assert e.value.code == 2 and err in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_int8_matmul.main(["--rows", "0"])
+    assert e.value.code == 2 and "must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_fp8_quant.main(["--row-elements", "2048", "--num-warps", "3"])
+    assert e.value.code == 2 and "powers of two up to 16" in capsys.readouterr().err
     # the cases and the reference quantization
     assert bench_postprocess.CASES[0] == (64, 3, (768, 1024), (768, 1024))
     ref_q, ref_s = bench_fp8_quant.reference(torch.tensor([[1.0, -2.0, 448.0]]), "none")
     assert torch.equal(ref_q.float(), torch.tensor([[1.0, -2.0, 448.0]])) and ref_s.item() == 1.0
+    x = torch.tensor([[1.0, 3.0]])  # layer norm first: (-1, 1) -> scale 1 / 448
+    ref_q, ref_s = bench_fp8_quant.reference(x, "none", (torch.ones(2), torch.zeros(2), 0.0))
+    assert torch.equal(ref_q.float(), torch.tensor([[-448.0, 448.0]])) and abs(ref_s.item() - 1 / 448) < 1e-9
 
 
 def test_waterfall_settings_accumulate():

@@ -1,10 +1,18 @@
 """Small building blocks shared by the encoder and the decoder."""
-from typing import Type
+from typing import Optional, Type
 
 import torch
 from torch import nn
 
 from ..mlp_epilogue import linear_act
+
+
+def linear_residual(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x)``; a linear with ``takes_residual`` (``fp8_linear.RowQuantLinear``)
+    gets the residual itself, to add it inside its matmul's epilogue where it can."""
+    if getattr(linear, "takes_residual", False):
+        return linear(x, residual=residual)
+    return residual + linear(x)
 
 
 class MLPBlock(nn.Module):
@@ -21,10 +29,10 @@ class MLPBlock(nn.Module):
         self.act = act()
         self.fused_epilogue = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_epilogue:
-            return self.lin2(linear_act(self, x))
-        return self.lin2(self.act(self.lin1(x)))
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``lin2(act(lin1(x)))``, plus ``residual`` if given (see :func:`linear_residual`)."""
+        h = linear_act(self, x) if self.fused_epilogue else self.act(self.lin1(x))
+        return self.lin2(h) if residual is None else linear_residual(self.lin2, h, residual)
 
 
 class LayerNorm2d(nn.Module):

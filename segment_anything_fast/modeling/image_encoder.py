@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import check_backend, rel_pos_attention
-from .common import LayerNorm2d, MLPBlock
+from .common import LayerNorm2d, MLPBlock, linear_residual
 
 
 class ImageEncoderViT(nn.Module):
@@ -125,11 +125,11 @@ class Block(nn.Module):
             H, W = x.shape[1], x.shape[2]
             qkv, pad_hw = window_partition(self.attn.qkv(x), self.window_size, self.attn.qkv.bias)
             x = window_unpartition(self.attn.attend(qkv), self.window_size, pad_hw, (H, W))
-            x = self.attn.proj(x)
         else:
-            x = self.attn(x)
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+            x = self.attn.attend(self.attn.qkv(x))
+        # both residual adds through linear_residual: in the matmul's epilogue where it can
+        x = linear_residual(self.attn.proj, x, shortcut)
+        return self.mlp(self.norm2(x), residual=x)
 
 
 def _rel_pos_index(q_size: int, k_size: int) -> torch.Tensor:

@@ -11,7 +11,10 @@ fp8 once, and the MLP's GELU is applied inside the quantization of ``lin2``'s in
 tanh form, see :func:`_act`; ``mlp.act`` becomes ``nn.Identity``), so the 4x-wide hidden
 activation is written once in bf16 and read back once. Likewise the layer norm in front of
 each image-encoder block's ``attn.qkv`` and ``mlp.lin1`` is applied inside their quantization
-(``norm1`` / ``norm2`` become ``nn.Identity``): the normalised rows are never written in bf16.
+(``norm1`` / ``norm2`` become ``nn.Identity``): the normalised rows are never written in bf16,
+and the block's residual adds move into the same kernels (``Block.defer_residual``: the kernel
+reads the two addends, writes their bf16 sum once and quantizes its layer norm). The kernel and
+:class:`RowQuantLinear` also serve ``int8_triton`` (``int8_linear.py``).
 
 Weights are quantized once by :meth:`Fp8Linear.from_linear` (the state dict then holds the fp8
 ``weight``, a ``weight_scale`` and the ``bias``: load checkpoints before compressing). Needs CUDA
@@ -79,26 +82,43 @@ def _layer_norm_tile(x, mean, rstd, cols, k, NW, NB):
 
 
 @triton.jit
-def _quantize_rows_fwd(X, Q, S, NW, NB, M, K, s_xm, s_xk, norm_eps, ACT: tl.constexpr, NORM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, QMAX: tl.constexpr,
-                       INT8: tl.constexpr, EPS: tl.constexpr, ROUND_GRID: tl.constexpr):
+def _load_sum(x_ptrs, R, Y, offs, ok, RES: tl.constexpr, ROUND_GRID: tl.constexpr):
+    """A float32 tile of X (0 where masked); with ``RES`` of X + R, rounded to and stored in Y
+    (with ``ROUND_GRID``, under the interpreter, whose bf16 cast truncates, a bf16 sum is first
+    rounded to nearest even on float32 bits)."""
+    x = tl.load(x_ptrs, mask=ok, other=0.0)
+    if RES:
+        total = x.to(tl.float32) + tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)
+        if ROUND_GRID and Y.dtype.element_ty == tl.bfloat16:
+            b = total.to(tl.uint32, bitcast=True)
+            total = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        x = total.to(Y.dtype.element_ty)
+        tl.store(Y + offs, x, mask=ok)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _quantize_rows_fwd(X, R, Y, Q, S, NW, NB, M, K, s_xm, s_xk, norm_eps, ACT: tl.constexpr, NORM: tl.constexpr,
+                       RES: tl.constexpr, BLOCK_M: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+                       QMAX: tl.constexpr, INT8: tl.constexpr, EPS: tl.constexpr, ROUND_GRID: tl.constexpr):
     """Program i: rows i * BLOCK_M ... of X, each held whole in registers as two power-of-two
-    column tiles, [0, KA) and [KA, KA + KB) (KB = 0: one tile; masked past K). With ``NORM``
-    the rows are first layer-normalised (float32 statistics, weight NW, bias NB), then ``act``
-    applies; S = max(amax(|y|), EPS) / QMAX per row and Q = y / S in float8 e4m3, rounded to
-    nearest even (by the cast, or first onto the e4m3 grid with ``ROUND_GRID``), or with
-    ``INT8`` in int8. One read of X, one write."""
+    column tiles, [0, KA) and [KA, KA + KB) (KB = 0: one tile; masked past K). With ``RES``
+    the rows are X + R (R contiguous), rounded to Y's dtype and stored in Y (contiguous). With
+    ``NORM`` the rows are then layer-normalised (float32 statistics, weight NW, bias NB), then
+    ``act`` applies; S = max(amax(|y|), EPS) / QMAX per row and Q = y / S in float8 e4m3,
+    rounded to nearest even (by the cast, or first onto the e4m3 grid with ``ROUND_GRID``), or
+    with ``INT8`` in int8. One read of X (and R), one write (and Y)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     x_rows = X + rows.to(tl.int64)[:, None] * s_xm
     q_rows = rows.to(tl.int64)[:, None] * K
     ca = tl.arange(0, KA)
     ok_a = row_ok[:, None] & (ca < K)[None, :]
-    xa = tl.load(x_rows + ca[None, :] * s_xk, mask=ok_a, other=0.0).to(tl.float32)
+    xa = _load_sum(x_rows + ca[None, :] * s_xk, R, Y, q_rows + ca[None, :], ok_a, RES, ROUND_GRID)
     if KB > 0:
         cb = KA + tl.arange(0, KB)
         ok_b = row_ok[:, None] & (cb < K)[None, :]
-        xb = tl.load(x_rows + cb[None, :] * s_xk, mask=ok_b, other=0.0).to(tl.float32)
+        xb = _load_sum(x_rows + cb[None, :] * s_xk, R, Y, q_rows + cb[None, :], ok_b, RES, ROUND_GRID)
     if NORM:  # masked columns load as 0: sums over real columns only
         total = tl.sum(xa, axis=1)
         if KB > 0:
@@ -153,7 +173,8 @@ QMAX = {FP8: FP8_MAX, torch.int8: 127.0}  # the quantized dtypes and their large
 
 def _launch_quantize(x: torch.Tensor, act: str, norm_weight: Optional[torch.Tensor] = None,
                      norm_bias: Optional[torch.Tensor] = None, norm_eps: float = 0.0, dtype: torch.dtype = FP8,
-                     config: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     residual: Optional[torch.Tensor] = None,
+                     config: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not (x.is_cuda or interpreting()):
         raise RuntimeError("the row quantization of fp8_triton / int8_triton needs CUDA tensors (or "
                            "TRITON_INTERPRET=1 for the Triton interpreter on CPU).")
@@ -161,35 +182,41 @@ def _launch_quantize(x: torch.Tensor, act: str, norm_weight: Optional[torch.Tens
     m, k = x.shape
     q = torch.empty((m, k), device=x.device, dtype=dtype)
     s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    y = torch.empty((m, k) if residual is not None else (0,), device=x.device, dtype=x.dtype)
     cfg = _launch_config(k, **(config or {}))
     norm = norm_weight is not None
     if m:
         _quantize_rows_fwd[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            x, q, s, norm_weight if norm else x, norm_bias if norm else x, m, k, *x.stride(), float(norm_eps),
-            ACT=act, NORM=norm, QMAX=QMAX[dtype], INT8=dtype == torch.int8, EPS=_MIN_AMAX,
+            x, x if residual is None else residual, y, q, s, norm_weight if norm else x,
+            norm_bias if norm else x, m, k, *x.stride(), float(norm_eps), ACT=act, NORM=norm,
+            RES=residual is not None, QMAX=QMAX[dtype], INT8=dtype == torch.int8, EPS=_MIN_AMAX,
             ROUND_GRID=interpreting(), **cfg)
-    return q, s
+    return q, s, y
 
 
 @torch.library.custom_op("sam_fast::quantize_rows", mutates_args=())
 def _quantize_op(x: torch.Tensor, act: str, norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
-                 norm_eps: float, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _launch_quantize(x, act, norm_weight, norm_bias, norm_eps, dtype)
+                 norm_eps: float, dtype: torch.dtype,
+                 residual: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_quantize(x, act, norm_weight, norm_bias, norm_eps, dtype, residual)
 
 
 @_quantize_op.register_fake
-def _(x, act, norm_weight, norm_bias, norm_eps, dtype):
-    return x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+def _(x, act, norm_weight, norm_bias, norm_eps, dtype, residual):
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[0], 1), dtype=torch.float32),
+            x.new_empty(x.shape if residual is not None else (0,)))
 
 
 def quantize_rows(x: torch.Tensor, act: str = "none", norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
-                  config: Optional[dict] = None, dtype: torch.dtype = FP8) -> Tuple[torch.Tensor, torch.Tensor]:
+                  config: Optional[dict] = None, dtype: torch.dtype = FP8, residual: Optional[torch.Tensor] = None):
     """(M, K) activations -> (``act(norm(x))`` / scale in ``dtype`` (M, K), float32 scales
     (M, 1)), one scale per row (amax / ``QMAX[dtype]``), rounded to nearest even. ``dtype``:
-    float8 e4m3 or int8. ``norm``: None or a layer norm's ``(weight,
-    bias, eps)``, each (K,), applied per row in float32 first; ``act``: "none" or "gelu" (tanh
-    form). A custom op, so ``torch.compile`` keeps the kernel whole. ``config`` (benchmarks
-    only: ``row_elements`` / ``num_warps`` of :func:`_launch_config`) bypasses the op."""
+    float8 e4m3 or int8. ``norm``: None or a layer norm's ``(weight, bias, eps)``, each (K,),
+    applied per row in float32 first; ``act``: "none" or "gelu" (tanh form). ``residual``: an
+    (M, K) tensor added to ``x`` first (in float32, rounded to x's dtype); the sum is then
+    returned too: (q, scales, x + residual). A custom op, so ``torch.compile`` keeps the kernel
+    whole. ``config`` (benchmarks only: ``row_elements`` / ``num_warps`` of
+    :func:`_launch_config`) bypasses the op."""
     if act not in ACTIVATIONS:
         raise ValueError(f"quantize_rows: act must be one of {ACTIVATIONS}, got {act!r}.")
     if dtype not in QMAX:
@@ -200,9 +227,15 @@ def quantize_rows(x: torch.Tensor, act: str = "none", norm: Optional[Tuple[torch
     if norm is not None and not (nw.shape == nb.shape == (x.shape[1],)):
         raise ValueError(f"quantize_rows: the norm's weight and bias must both be ({x.shape[1]},), got "
                          f"{tuple(nw.shape)} and {tuple(nb.shape)}.")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"quantize_rows: residual must be {tuple(x.shape)} like x, got {tuple(residual.shape)}.")
+        residual = residual.contiguous()
     if config is not None:
-        return _launch_quantize(x, act, nw, nb, eps, dtype, config)
-    return _quantize_op(x, act, nw, nb, eps, dtype)
+        q, s, y = _launch_quantize(x, act, nw, nb, eps, dtype, residual, config)
+    else:
+        q, s, y = _quantize_op(x, act, nw, nb, eps, dtype, residual)
+    return (q, s) if residual is None else (q, s, y)
 
 
 class RowQuantLinear(nn.Module):
@@ -218,6 +251,9 @@ class RowQuantLinear(nn.Module):
     QDTYPE: torch.dtype
     MODE: str  # the compress mode that makes these
     takes_residual = True  # forward(x, residual): see modeling.common.linear_residual
+    # whether matmul adds ``residual`` in its epilogue (int8); if not (fp8), image-encoder blocks
+    # leave their residual adds to the next quantization kernel (``Block.defer_residual``)
+    residual_in_epilogue: bool
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias, out_dtype: torch.dtype,
                  input_act: str = "none", input_norm: Optional[nn.LayerNorm] = None) -> None:
@@ -265,13 +301,22 @@ class RowQuantLinear(nn.Module):
         (M, out) ``residual`` (or None) added."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``linear(act(norm(x)))``, plus ``residual`` (same shape as the output) if given."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                input_residual: Optional[torch.Tensor] = None):
+        """``linear(act(norm(x)))``, plus ``residual`` (same shape as the output) if given. With
+        ``input_residual`` (same shape as ``x``) the input is ``x + input_residual``, added
+        inside the quantization kernel, and the result is the pair (output, that sum)."""
         lead = x.shape[:-1]
         norm = None if self.norm_weight is None else (self.norm_weight, self.norm_bias, self.norm_eps)
-        q, s = quantize_rows(x.reshape(-1, x.shape[-1]), self.input_act, norm, dtype=self.QDTYPE)
+        rows = x.reshape(-1, x.shape[-1])
+        if input_residual is None:
+            q, s = quantize_rows(rows, self.input_act, norm, dtype=self.QDTYPE)
+        else:
+            q, s, total = quantize_rows(rows, self.input_act, norm, dtype=self.QDTYPE,
+                                        residual=input_residual.reshape(rows.shape))
         res = None if residual is None else residual.reshape(-1, self.out_features)
-        return self.matmul(q, s, res).reshape(*lead, self.out_features)
+        y = self.matmul(q, s, res).reshape(*lead, self.out_features)
+        return y if input_residual is None else (y, total.reshape(x.shape))
 
     def extra_repr(self) -> str:
         norm = "" if self.norm_weight is None else f", input_norm=LayerNorm(eps={self.norm_eps:g})"
@@ -283,6 +328,7 @@ class Fp8Linear(RowQuantLinear):
 
     QDTYPE = FP8
     MODE = "fp8_triton"
+    residual_in_epilogue = False
 
     def matmul(self, q: torch.Tensor, s: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         # fast accumulation, as torchao's fp8 linears use for inference
@@ -308,7 +354,9 @@ def to_row_quant_linears_(encoder: nn.Module, filter_fn, cls=Fp8Linear) -> int:
     quantization what only feeds them: where a block's ``mlp.lin2`` is replaced and its
     activation is ``nn.GELU()``, the GELU (``mlp.act`` becomes ``nn.Identity``); where an
     image-encoder block's ``attn.qkv`` / ``mlp.lin1`` is replaced, the layer norm before it
-    (``norm1`` / ``norm2`` become ``nn.Identity``). Returns how many linears were replaced."""
+    (``norm1`` / ``norm2`` become ``nn.Identity``), and, where both moved and ``cls`` adds no
+    residual in its matmul, the block's residual adds (``Block.defer_residual``). Returns how
+    many linears were replaced."""
     from .modeling.image_encoder import Block
 
     names = [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear) and filter_fn(m, n)]
@@ -327,4 +375,7 @@ def to_row_quant_linears_(encoder: nn.Module, filter_fn, cls=Fp8Linear) -> int:
                     and fusable_norm(norm, lin.in_features):
                 lin.fuse_input_norm_(norm)
                 setattr(blk, norm_name, nn.Identity())
+        # both norms moved in and no epilogue add: the block's adds go into those kernels
+        blk.defer_residual = not cls.residual_in_epilogue and all(
+            type(blk.get_submodule(lin)) is cls and type(getattr(blk, norm)) is nn.Identity for lin, norm in _BLOCK_NORMS)
     return len(names)

@@ -181,6 +181,7 @@ class Int8Linear(RowQuantLinear):
 
     QDTYPE = torch.int8
     MODE = "int8_triton"
+    residual_in_epilogue = True
 
     def matmul(self, q: torch.Tensor, s: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         return int8_matmul(q, s, self.weight, self.weight_scale, self.bias, self.out_dtype, residual)

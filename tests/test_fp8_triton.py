@@ -80,6 +80,14 @@ _CHILD = textwrap.dedent(
             d = (q.float() - rq.float()).abs()
             assert (d <= rq.float().abs() * 2**-3 + 2**-9).all() and (d == 0).float().mean() > 0.99, (k, act)
     raises(lambda: quantize_rows(x, "none", (w[:5], b, 1e-6)), ValueError, "must both be (1280,)")
+    # with a residual added first: the bf16 sum comes back, and the rows quantized are its norm
+    r = (torch.randn(19, 1280, generator=g) * 2).to(torch.bfloat16)
+    nrm = (w.to(torch.bfloat16), b.to(torch.bfloat16), 1e-6)
+    q, s, total = quantize_rows(x, "none", nrm, residual=r)
+    assert total.dtype == torch.bfloat16 and torch.equal(total, x + r)
+    q0, s0 = quantize_rows(x + r, "none", nrm)
+    assert torch.equal(q.float(), q0.float()) and torch.equal(s, s0)
+    raises(lambda: quantize_rows(x, "none", nrm, residual=r[:3]), ValueError, "residual must be (19, 1280)")
     # a strided input (a column slice) is read through its strides
     x = torch.randn(20, 160, generator=g)[:, 16:112]
     q, s = quantize_rows(x, "none")
@@ -102,8 +110,9 @@ _CHILD = textwrap.dedent(
     for blk, rblk in zip(enc.blocks, ref.image_encoder.blocks):
         assert type(blk.attn.qkv) is Fp8Linear and type(blk.attn.proj) is Fp8Linear
         assert blk.mlp.lin2.input_act == "gelu" and type(blk.mlp.act) is nn.Identity
-        # the layer norms moved into the quantization of qkv / lin1's inputs
-        assert type(blk.norm1) is nn.Identity and type(blk.norm2) is nn.Identity
+        # the layer norms moved into the quantization of qkv / lin1's inputs, and with them
+        # the residual adds (fp8 has no epilogue for them)
+        assert type(blk.norm1) is nn.Identity and type(blk.norm2) is nn.Identity and blk.defer_residual
         assert torch.equal(blk.attn.qkv.norm_weight, rblk.norm1.weight) and blk.attn.qkv.norm_eps == rblk.norm1.eps
         assert torch.equal(blk.mlp.lin1.norm_bias, rblk.norm2.bias) and blk.attn.proj.norm_weight is None
     for part in (sam.prompt_encoder, sam.mask_decoder):  # untouched
@@ -116,11 +125,19 @@ _CHILD = textwrap.dedent(
         c = torch.compile(enc, fullgraph=True)(x).float()  # no graph break: a custom op
         # (inductor's bf16 layer norms round differently from eager's, so some fp8 values flip)
         assert min_cos(c, a) > 0.999
+        # the deferred adds give exactly the values of adding in place (bf16 sums, same rows)
+        for blk in enc.blocks:
+            blk.defer_residual = False
+        assert torch.equal(enc(x), b.to(torch.bfloat16))
+        for blk in enc.blocks:
+            blk.defer_residual = True
     raises(lambda: compress(sam, "fp8_triton"), RuntimeError, "already compressed (fp8_triton linears)")
 
     # a selection: lin1 alone keeps the GELU (and could not take the epilogue); lin2 alone
     # takes the GELU, and lin1 stays a plain nn.Linear
-    only1 = compress(copy.deepcopy(ref), "fp8_triton", linears=("lin1",)).image_encoder.blocks[0].mlp
+    blk1 = compress(copy.deepcopy(ref), "fp8_triton", linears=("lin1",)).image_encoder.blocks[0]
+    only1 = blk1.mlp
+    assert not blk1.defer_residual  # qkv stays plain: the adds stay where they are
     assert type(only1.lin1) is Fp8Linear and type(only1.act) is nn.GELU and type(only1.lin2) is nn.Linear
     assert only1.lin1.norm_weight is not None
     assert type(compress(copy.deepcopy(ref), "fp8_triton", linears=("proj",)).image_encoder.blocks[0].norm1) is nn.LayerNorm
@@ -176,7 +193,7 @@ _CHILD = textwrap.dedent(
     sam8 = compress(copy.deepcopy(ref), "int8_triton")
     blk = sam8.image_encoder.blocks[0]
     assert type(blk.attn.qkv) is Int8Linear and blk.attn.qkv.weight.dtype == torch.int8
-    assert type(blk.norm1) is nn.Identity and blk.mlp.lin2.input_act == "gelu"
+    assert type(blk.norm1) is nn.Identity and blk.mlp.lin2.input_act == "gelu" and not blk.defer_residual
     with torch.no_grad():
         c8 = torch.compile(sam8.image_encoder, fullgraph=True)(x_img).float()
     assert min_cos(c8, a_img) > 0.999

@@ -78,13 +78,24 @@ class ImageEncoderViT(nn.Module):
         x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))
         if self.pos_embed is not None:
             x = x + self.pos_embed
+        pending = None  # a residual add a block left to the next one (Block.defer_residual)
         for blk in self.blocks:
-            x = blk(x)
+            out = blk(x) if pending is None else blk(x, pending)
+            x, pending = out if isinstance(out, tuple) else (out, None)
+        if pending is not None:
+            x = x + pending
         return self.neck(x.permute(0, 3, 1, 2))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; ``window_size > 0`` attends within (padded) windows."""
+    """Pre-norm transformer block; ``window_size > 0`` attends within (padded) windows.
+
+    ``defer_residual`` (off; set by ``compress(..., "fp8_triton")``, whose quantization kernels
+    take the layer norms and can add a residual while they read a row): the block returns the
+    pair ``(x, y)`` whose sum is its output, and takes the previous block's pair as ``x`` and
+    ``pending``, so each residual add happens inside the next ``qkv`` / ``lin1`` quantization
+    instead of as a separate pass over the tokens.
+    """
 
     def __init__(
         self,
@@ -114,22 +125,33 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=act_layer)
         self.window_size = window_size
+        self.defer_residual = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.norm1(x)
-        if self.window_size > 0:
-            # qkv and proj act per token: run them on the H*W real tokens, not on the padded
-            # windows. Padded tokens get the qkv bias, i.e. qkv(0), exactly what projecting
-            # SAM's zero padding gives (and no all-zero rows reach a quantized linear).
-            H, W = x.shape[1], x.shape[2]
-            qkv, pad_hw = window_partition(self.attn.qkv(x), self.window_size, self.attn.qkv.bias)
-            x = window_unpartition(self.attn.attend(qkv), self.window_size, pad_hw, (H, W))
-        else:
-            x = self.attn.attend(self.attn.qkv(x))
+    def forward(self, x: torch.Tensor, pending: Optional[torch.Tensor] = None):
+        """The block on ``x`` (+ ``pending``, a residual still to add); see ``defer_residual``."""
+        if self.defer_residual:
+            if pending is None:
+                shortcut, qkv = x, self.attn.qkv(x)
+            else:
+                qkv, shortcut = self.attn.qkv(x, input_residual=pending)
+            h, x = self.mlp.lin1(self.attn.proj(self._attention(qkv)), input_residual=shortcut)
+            return x, self.mlp.lin2(self.mlp.act(h))
+        shortcut = x if pending is None else x + pending
+        x = self._attention(self.attn.qkv(self.norm1(shortcut)))
         # both residual adds through linear_residual: in the matmul's epilogue where it can
         x = linear_residual(self.attn.proj, x, shortcut)
         return self.mlp(self.norm2(x), residual=x)
+
+    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3C) projected tokens -> (B, H, W, C) attention output before ``proj``."""
+        if self.window_size == 0:
+            return self.attn.attend(qkv)
+        # qkv and proj act per token: they run on the H*W real tokens, not on the padded
+        # windows. Padded tokens get the qkv bias, i.e. qkv(0), exactly what projecting SAM's
+        # zero padding gives (and no all-zero rows reach a quantized linear).
+        H, W = qkv.shape[1], qkv.shape[2]
+        windows, pad_hw = window_partition(qkv, self.window_size, self.attn.qkv.bias)
+        return window_unpartition(self.attn.attend(windows), self.window_size, pad_hw, (H, W))
 
 
 def _rel_pos_index(q_size: int, k_size: int) -> torch.Tensor:

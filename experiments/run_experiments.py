@@ -1,8 +1,8 @@
 """Waterfall sweep of eval_combo: each step adds one technique to the previous ones.
 
     fp32 -> bf16 -> compile -> fused_attention -> batched_prompts -> fused_upscale -> fused_decoder_attention
-    -> fused_postprocess -> fused_preprocess -> mlp_epilogue -> int8 -> fp8 -> fp8_triton -> sparse_2_4
-    (-> fp8_sparse_2_4)
+    -> fused_postprocess -> fused_preprocess -> mlp_epilogue -> int8 -> fp8 -> fp8_triton -> int8_triton
+    -> sparse_2_4 (-> fp8_sparse_2_4)
 
 The compression steps each replace the previous compression (int8, then fp8, then 2:4 ...)
 on top of everything before them. Every step runs ``experiments/eval_combo.py``'s ``run`` in
@@ -50,6 +50,7 @@ STEPS = (
     ("int8", {"compress": "int8_dynamic", "mlp_epilogue": "off"}),
     ("fp8", {"compress": "fp8"}),
     ("fp8_triton", {"compress": "fp8_triton"}),  # fp8 with our activation quantization
+    ("int8_triton", {"compress": "int8_triton"}),  # int8 with our quantization and matmul
     ("sparse_2_4", {"compress": "sparse_2_4"}),
     ("fp8_sparse_2_4", {"compress": "fp8_sparse_2_4"}),
 )

@@ -198,6 +198,7 @@ def test_waterfall_settings_accumulate():
     assert s["fused_preprocess"]["mlp_epilogue"] == "off" and s["mlp_epilogue"]["mlp_epilogue"] == "on"
     assert s["fp8"]["compress"] == "fp8" and s["fp8"]["prompt_batching"] == "nested"
     assert s["fp8_triton"]["compress"] == "fp8_triton" and s["fp8_triton"]["mlp_epilogue"] == "off"
+    assert s["int8_triton"]["compress"] == "int8_triton" and s["int8_triton"]["mlp_epilogue"] == "off"
 
 
 def test_every_step_setting_reaches_eval_combo():

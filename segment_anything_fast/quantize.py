@@ -36,13 +36,14 @@ Modes (``COMPRESS_MODES``):
   fp8_triton        the arithmetic of ``fp8`` (per-row scales, ``torch._scaled_mm``), but the
                     weights quantized by us and the activations by our Triton kernel, with
                     the MLP's GELU fused into the quantization of ``lin2``'s input
-                    (``fp8_linear.py``: why). The layer norms in front of qkv / lin1 are
-                    applied inside the same kernel. CUDA capability >= 8.9, bf16 model; no
-                    torchao.
+                    (``fp8_linear.py``: why). The layer norms in front of qkv / lin1 and
+                    the blocks' residual adds (``Block.defer_residual``) happen inside the same
+                    kernel. CUDA capability >= 8.9, bf16 model; no torchao.
   int8_triton       the arithmetic of ``int8_dynamic`` (per-row int8 weights and activations),
                     activations quantized by the same kernel as ``fp8_triton`` (norms and GELU
-                    fused) and the matmul by our Triton kernel with the scales and bias in its
-                    epilogue (``int8_linear.py``). CUDA capability >= 8.0, bf16 model; no torchao.
+                    fused) and the matmul by our Triton kernel with the scales, bias and the
+                    block's residual add in its epilogue (``int8_linear.py``). CUDA capability
+                    >= 8.0, bf16 model; no torchao.
   fp8_sparse_2_4    2:4 pruning, then fp8 per-row with torchao's CUTLASS 2:4 fp8 kernel;
                     CUDA capability >= 9.0 (Hopper), bf16 model. The compressed linears become
                     ``FlatInputLinear`` (same parameters) to feed that kernel 2-D inputs.

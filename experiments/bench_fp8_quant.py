@@ -1,8 +1,8 @@
 """The fp8_triton activation quantization (``fp8_linear.quantize_rows``) on the GPU, at the
 encoder's shapes (batch 8: 32768 tokens), against the same per-row quantization written in
 PyTorch and compiled by inductor (what torchao's fp8 linears leave to inductor): milliseconds
-(median of CUDA-event timed samples of 20 back-to-back calls), GB/s of the bytes that must move (bf16 in, fp8 out) and
-whether both give the same fp8 values. Rows with a layer norm (the qkv / lin1 inputs) also time
+(median of CUDA-event timed samples of 20 back-to-back calls), GB/s of the bytes that must move
+(bf16 in, fp8 out) and whether both give the same fp8 values. Rows with a layer norm (the qkv / lin1 inputs) also time
 the unfused pair: inductor's layer norm (bf16 out), then our kernel.
 
     python experiments/bench_fp8_quant.py --out experiments/results/fp8_quant.json

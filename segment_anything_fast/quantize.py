@@ -182,14 +182,19 @@ def _fp8_problem(device: torch.device) -> Optional[str]:
     return _capability_problem(device, (8, 9), "fp8 matmuls need an Ada/Hopper or newer GPU")
 
 
+def _or_interpreted(problem):
+    """``problem`` for a mode of our Triton kernels, which also run on CPU tensors under the
+    Triton interpreter (tests)."""
+    return lambda d: None if d.type == "cpu" and interpreting() else problem(d)
+
+
 # mode -> (GPU problem finder, weight dtypes the kernels take)
 _BF16 = (torch.bfloat16,)
 _REQUIREMENTS = {
     "fp8": (_fp8_problem, _BF16),
-    # on the CPU our kernel runs in the Triton interpreter (tests)
-    "fp8_triton": (lambda d: None if d.type == "cpu" and interpreting() else _fp8_problem(d), _BF16),
-    "int8_triton": (lambda d: None if d.type == "cpu" and interpreting() else _capability_problem(
-        d, (8, 0), "int8_triton's Triton matmul needs int8 tensor cores (an Ampere or newer GPU)"), _BF16),
+    "fp8_triton": (_or_interpreted(_fp8_problem), _BF16),
+    "int8_triton": (_or_interpreted(lambda d: _capability_problem(
+        d, (8, 0), "int8_triton's Triton matmul needs int8 tensor cores (an Ampere or newer GPU)")), _BF16),
     "fp8_sparse_2_4": (lambda d: _capability_problem(d, (9, 0), "torchao's CUTLASS fp8 2:4 kernel needs a Hopper GPU"), _BF16),
     "sparse_2_4": (sparse_gpu_problem, (torch.bfloat16, torch.float16)),
 }

@@ -80,7 +80,7 @@ class ImageEncoderViT(nn.Module):
             x = x + self.pos_embed
         pending = None  # a residual add a block left to the next one (Block.defer_residual)
         for blk in self.blocks:
-            out = blk(x) if pending is None else blk(x, pending)
+            out = blk(x, pending)
             x, pending = out if isinstance(out, tuple) else (out, None)
         if pending is not None:
             x = x + pending

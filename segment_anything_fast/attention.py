@@ -17,11 +17,23 @@ import torch.nn.functional as F
 # rel_w (B, heads, N, W); rel_h/rel_w may be None (no relative position bias).
 AttentionFn = Callable[..., torch.Tensor]
 _BACKENDS: Dict[str, AttentionFn] = {}
+# grid_fn(qkv, num_heads, window_size, rel_h, rel_w, pad) -> out: attention read straight from
+# the encoder's (B, H, W, 3C) qkv, windows included (see triton_attention._launch_grid).
+_GRID_BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {}
 
 
-def register_backend(name: str, fn: AttentionFn) -> None:
-    """Make ``fn`` selectable as ``attention=name`` in the builders."""
+def register_backend(name: str, fn: AttentionFn, grid_fn: Optional[Callable[..., torch.Tensor]] = None) -> None:
+    """Make ``fn`` selectable as ``attention=name`` in the builders; ``grid_fn``, if given, is
+    the backend's attention on the token grid, which the image encoder then uses instead of
+    partitioning windows itself."""
     _BACKENDS[name] = fn
+    if grid_fn is not None:
+        _GRID_BACKENDS[name] = grid_fn
+
+
+def grid_backend(name: str) -> Optional[Callable[..., torch.Tensor]]:
+    """The grid attention of backend ``name`` (see :func:`register_backend`), or None."""
+    return _GRID_BACKENDS.get(name)
 
 
 def available_backends() -> list:

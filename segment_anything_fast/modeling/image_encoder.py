@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import check_backend, rel_pos_attention
+from ..attention import check_backend, grid_backend, rel_pos_attention
 from .common import LayerNorm2d, MLPBlock, linear_residual
 
 
@@ -144,14 +144,10 @@ class Block(nn.Module):
 
     def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3C) projected tokens -> (B, H, W, C) attention output before ``proj``."""
-        if self.window_size == 0:
-            return self.attn.attend(qkv)
         # qkv and proj act per token: they run on the H*W real tokens, not on the padded
         # windows. Padded tokens get the qkv bias, i.e. qkv(0), exactly what projecting SAM's
         # zero padding gives (and no all-zero rows reach a quantized linear).
-        H, W = qkv.shape[1], qkv.shape[2]
-        windows, pad_hw = window_partition(qkv, self.window_size, self.attn.qkv.bias)
-        return window_unpartition(self.attn.attend(windows), self.window_size, pad_hw, (H, W))
+        return self.attn.attend(qkv, self.window_size, self.attn.qkv.bias)
 
 
 def _rel_pos_index(q_size: int, k_size: int) -> torch.Tensor:
@@ -241,18 +237,49 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.attend(self.qkv(x)))
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3C) projected q, k, v -> (B, H, W, C) attention output before ``proj``."""
+    def attend(
+        self, qkv: torch.Tensor, window_size: int = 0, pad_value: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(B, H, W, 3C) projected q, k, v -> (B, H, W, C) attention output before ``proj``.
+
+        ``window_size`` > 0: attention within ws x ws windows, the grid padded up to whole
+        windows with tokens whose q, k, v are ``pad_value`` (3C,) (zeros when None). A backend
+        with a grid attention (``"triton"``) reads the windows in place; the others get copies.
+        """
+        grid_fn = grid_backend(self.backend)
+        if grid_fn is not None:
+            rel_h, rel_w = self._grid_rel_bias(qkv, window_size) if self.use_rel_pos else (None, None)
+            return grid_fn(qkv, self.num_heads, window_size, rel_h, rel_w, pad_value if window_size else None)
+        if window_size == 0:
+            return self._attend_tokens(qkv)
+        H, W = qkv.shape[1], qkv.shape[2]
+        windows, pad_hw = window_partition(qkv, window_size, pad_value)
+        return window_unpartition(self._attend_tokens(windows), window_size, pad_hw, (H, W))
+
+    def _grid_rel_bias(self, qkv: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each token's rel-pos bias within its window: rel_h (B, heads, H, W, window rows),
+        rel_w (B, heads, H, W, window columns); window = the whole grid when ``window_size`` 0."""
+        H, W, C = qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
+        q = qkv[..., :C].unflatten(-1, (self.num_heads, -1))  # (B, H, W, heads, head_dim)
+        if window_size:
+            Rh, Rw = self._rel_tables(window_size, window_size)
+            Rh = Rh[torch.arange(H, device=Rh.device) % window_size]  # table of each grid row
+            Rw = Rw[torch.arange(W, device=Rw.device) % window_size]
+        else:
+            Rh, Rw = self._rel_tables(H, W)
+        rel_h = torch.einsum("byxnc,ykc->bnyxk", q, Rh)
+        rel_w = torch.einsum("byxnc,xkc->bnyxk", q, Rw)
+        return rel_h, rel_w
+
+    def _attend_tokens(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention over all tokens of (B, H, W, 3C) ``qkv`` through ``rel_pos_attention``."""
         B, H, W, C = qkv.shape[0], qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
         N = H * W
-        qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv_grid, qkv = qkv, qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         rel_h = rel_w = None
         if self.use_rel_pos:
-            Rh, Rw = self._rel_tables(H, W)
-            r_q = q.reshape(B, self.num_heads, H, W, -1)
-            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh).reshape(B, self.num_heads, N, H)
-            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw).reshape(B, self.num_heads, N, W)
+            rel_h, rel_w = (r.reshape(B, self.num_heads, N, -1) for r in self._grid_rel_bias(qkv_grid, 0))
         out = rel_pos_attention(q, k, v, rel_h, rel_w, self.backend)
         return out.transpose(1, 2).reshape(B, H, W, C)
 

@@ -51,6 +51,7 @@ def compile_case(mod, name, num_warps=None, num_stages=None, block_m=None, rows=
                   WP=wp, ROWS=cfg["ROWS"], BLOCK_M=cfg["BLOCK_M"],
                   EVEN_M=not padded and (grid * grid) % cfg["BLOCK_M"] == 0,
                   EVEN_N=not padded and wp == grid and grid % cfg["ROWS"] == 0, IEEE=False)
+    consts["MASK_COLS"] = not consts["EVEN_N"] and not (bias and grid % cfg["ROWS"] == 0)
     fn = mod._rel_pos_attn_fwd
     params = list(inspect.signature(fn.fn).parameters)
     consts = {k: v for k, v in consts.items() if k in params}  # older kernels lack some
@@ -79,7 +80,8 @@ def compile_case(mod, name, num_warps=None, num_stages=None, block_m=None, rows=
         f.flush()
         res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
-    report = dict(case=name, config=cfg, registers=int(re.search(r"REG:(\d+)", res).group(1)))
+    report = dict(case=name, config=cfg, registers=int(re.search(r"REG:(\d+)", res).group(1)),
+                  key_blocks=triton.cdiv(grid, cfg["ROWS"]))
     report.update(analyse(sass))
     return report, sass
 
@@ -125,6 +127,8 @@ def main(argv=None):
                     help="directory holding another segment_anything_fast to analyse (e.g. an old checkout)")
     ap.add_argument("--num-warps", type=int, default=None, help="override kernel_config's")
     ap.add_argument("--num-stages", type=int, default=None, help="override kernel_config's")
+    ap.add_argument("--rows", type=int, default=None, help="override kernel_config's ROWS")
+    ap.add_argument("--block-m", type=int, default=None, help="override kernel_config's BLOCK_M")
     ap.add_argument("--out", default=None, help="write the reports as JSON here")
     args = ap.parse_args(argv)
     if args.package_root:
@@ -132,10 +136,10 @@ def main(argv=None):
     mod = importlib.import_module("segment_anything_fast.triton_attention")
     reports = []
     for name in args.cases:
-        rep, _ = compile_case(mod, name, args.num_warps, args.num_stages)
+        rep, _ = compile_case(mod, name, args.num_warps, args.num_stages, args.block_m, args.rows)
         reports.append(rep)
         print(f"{name:13s} {rep['config']} regs {rep['registers']} spills {rep['spills']} "
-              f"loop {rep['loop_instructions']} (LDG {rep['loop_global_loads']}, "
+              f"loop {rep['loop_instructions']} x {rep['key_blocks']} (LDG {rep['loop_global_loads']}, "
               f"LDGSTS {rep['loop_async_copies']}) {rep['loop_mix']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:

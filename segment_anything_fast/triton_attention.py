@@ -59,6 +59,7 @@ def _rel_pos_attn_fwd(
     BLOCK_M: tl.constexpr,
     EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr,
+    MASK_COLS: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     BLOCK_N: tl.constexpr = ROWS * WP
@@ -117,6 +118,8 @@ def _rel_pos_attn_fwd(
         # rel_w for every key column of a block: loaded once, reused for all key blocks
         bias_w = tl.load(rw_ptr + n_col[None, :] * s_wk, mask=m_ok[:, None] & col_ok[None, :], other=0.0)
         bias_w = bias_w.to(tl.float32) * inv_scale
+        if not (MASK_COLS or EVEN_N):  # only the padding columns to mask: -inf from the start
+            bias_w = tl.where(col_ok[None, :], bias_w, float("-inf"))
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -158,7 +161,7 @@ def _rel_pos_attn_fwd(
         if HAS_PAD:
             if edge:
                 s = tl.where(in_img[None, :], s, s + q_pk[:, None])
-        if not EVEN_N:
+        if MASK_COLS:
             s = tl.where(kv_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) + row_h)
         p = tl.math.exp2(s * qk_scale - (m_new - row_h)[:, None] * qk_scale)
@@ -253,13 +256,18 @@ def _run(q, k, v, o, strides, rel, pad, nh, d, grid_hw, window_hw, ntok, config)
     rh, rw = rel if rel is not None else (q, q)  # unused without bias
     pk, pv = pad if pad is not None else (q, q)
     grid = (triton.cdiv(wh * ww, cfg["BLOCK_M"]), B * nwy * nwx * nh)
+    even_n = wp == ww and wh % cfg["ROWS"] == 0 and not padded and ntok == H * W
+    # the only keys to mask are the columns past WW (blocks of whole window rows; in a window
+    # every real or padded key counts): rel_w's tile masks them once, not every key block
+    cols_only = rel is not None and wh % cfg["ROWS"] == 0 and ntok == H * W and (padded or (H, W) == (wh, ww))
     _rel_pos_attn_fwd[grid](
         q, k, v, rh, rw, pk, pv, o, *[s for t in strides for s in t],
         nh, nwx, nwy * nwx, H, W, ntok, (d ** -0.5) * _LOG2E, d ** 0.5,
         HAS_BIAS=rel is not None, PADDED=padded, HAS_PAD=pad is not None and padded,
         D0=d0, D1=d1, WH=wh, WW=ww, WP=wp, ROWS=cfg["ROWS"], BLOCK_M=cfg["BLOCK_M"],
         EVEN_M=(wh * ww) % cfg["BLOCK_M"] == 0 and not padded and ntok == H * W,
-        EVEN_N=wp == ww and wh % cfg["ROWS"] == 0 and not padded and ntok == H * W,
+        EVEN_N=even_n,
+        MASK_COLS=not even_n and not cols_only,
         IEEE=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -52,6 +52,7 @@ def compile_case(mod, name, num_warps=None, num_stages=None, block_m=None, rows=
                   EVEN_M=not padded and (grid * grid) % cfg["BLOCK_M"] == 0,
                   EVEN_N=not padded and wp == grid and grid % cfg["ROWS"] == 0, IEEE=False)
     consts["MASK_COLS"] = not consts["EVEN_N"] and not (bias and grid % cfg["ROWS"] == 0)
+    consts["TABLE"] = True  # rel-pos logits per relative offset, as the encoder passes them
     fn = mod._rel_pos_attn_fwd
     params = list(inspect.signature(fn.fn).parameters)
     consts = {k: v for k, v in consts.items() if k in params}  # older kernels lack some

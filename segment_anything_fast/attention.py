@@ -17,7 +17,7 @@ import torch.nn.functional as F
 # rel_w (B, heads, N, W); rel_h/rel_w may be None (no relative position bias).
 AttentionFn = Callable[..., torch.Tensor]
 _BACKENDS: Dict[str, AttentionFn] = {}
-# grid_fn(qkv, num_heads, window_size, rel_h, rel_w, pad) -> out: attention read straight from
+# grid_fn(qkv, num_heads, window_size, rel, pad) -> out: attention read straight from
 # the encoder's (B, H, W, 3C) qkv, windows included (see triton_attention._launch_grid).
 _GRID_BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {}
 

@@ -60,6 +60,7 @@ def _rel_pos_attn_fwd(
     EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr,
     MASK_COLS: tl.constexpr,
+    TABLE: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     BLOCK_N: tl.constexpr = ROWS * WP
@@ -115,8 +116,14 @@ def _rel_pos_attn_fwd(
     if HAS_BIAS:
         rh_ptr = RH + b.to(tl.int64) * s_hb + h.to(tl.int64) * s_hh + qy * s_hy + qx * s_hx
         rw_ptr = RW + b.to(tl.int64) * s_wb + h.to(tl.int64) * s_wh + (qy * s_wy + qx * s_wx)[:, None]
+        if TABLE:  # q.table per relative offset: key row k at entry (query row - k + WH - 1)
+            h_first, h_step = (qy - y0) + (WH - 1), -1
+            w_idx = (qx - x0 + (WW - 1))[:, None] - n_col[None, :]
+        else:  # one value per key row / column
+            h_first, h_step = 0, 1
+            w_idx = n_col[None, :]
         # rel_w for every key column of a block: loaded once, reused for all key blocks
-        bias_w = tl.load(rw_ptr + n_col[None, :] * s_wk, mask=m_ok[:, None] & col_ok[None, :], other=0.0)
+        bias_w = tl.load(rw_ptr + w_idx * s_wk, mask=m_ok[:, None] & col_ok[None, :], other=0.0)
         bias_w = bias_w.to(tl.float32) * inv_scale
         if not (MASK_COLS or EVEN_N):  # only the padding columns to mask: -inf from the start
             bias_w = tl.where(col_ok[None, :], bias_w, float("-inf"))
@@ -152,7 +159,8 @@ def _rel_pos_attn_fwd(
         if HAS_BIAS:
             # rel_h: one value per query for each of the block's ROWS key-grid rows
             for r in tl.static_range(ROWS):
-                col = tl.load(rh_ptr + (j * ROWS + r) * s_hk, mask=m_ok & (j * ROWS + r < WH), other=0.0)
+                kr_r = j * ROWS + r
+                col = tl.load(rh_ptr + (h_first + h_step * kr_r) * s_hk, mask=m_ok & (kr_r < WH), other=0.0)
                 col = col.to(tl.float32) * inv_scale
                 if ROWS == 1:
                     row_h = col
@@ -240,9 +248,10 @@ def _check_device(t: torch.Tensor) -> None:
     use_torch_ptxas()
 
 
-def _run(q, k, v, o, strides, rel, pad, nh, d, grid_hw, window_hw, ntok, config):
+def _run(q, k, v, o, strides, rel, pad, nh, d, grid_hw, window_hw, ntok, config, table=False):
     """Launch the kernel over ``B x windows x heads``. ``strides``: (b, head, y, x, last) of q, k,
-    v, o, rel_h, rel_w; ``rel`` (rel_h, rel_w) or None; ``pad`` (k, v) per-channel vectors of the
+    v, o, rel_h, rel_w; ``rel`` (rel_h, rel_w) or None, one value per key row / column, or with
+    ``table`` one per relative offset (see :func:`_launch_grid`); ``pad`` (k, v) per-channel vectors of the
     tokens padded onto the windows, or None (zeros); ``grid_hw`` the token grid, ``window_hw``
     the attention window (the whole grid for global attention); ``ntok`` the real tokens."""
     B = q.shape[0]
@@ -267,7 +276,7 @@ def _run(q, k, v, o, strides, rel, pad, nh, d, grid_hw, window_hw, ntok, config)
         D0=d0, D1=d1, WH=wh, WW=ww, WP=wp, ROWS=cfg["ROWS"], BLOCK_M=cfg["BLOCK_M"],
         EVEN_M=(wh * ww) % cfg["BLOCK_M"] == 0 and not padded and ntok == H * W,
         EVEN_N=even_n,
-        MASK_COLS=not even_n and not cols_only,
+        MASK_COLS=not even_n and not cols_only, TABLE=table,
         IEEE=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -317,8 +326,7 @@ def _launch_grid(
     qkv: torch.Tensor,
     num_heads: int,
     window_size: int,
-    rel_h: Optional[torch.Tensor] = None,
-    rel_w: Optional[torch.Tensor] = None,
+    rel: Optional[torch.Tensor] = None,
     pad: Optional[torch.Tensor] = None,
     config: Optional[dict] = None,
 ) -> torch.Tensor:
@@ -327,8 +335,10 @@ def _launch_grid(
     ``window_size`` 0: global attention over the H x W grid; otherwise within ws x ws windows,
     the grid padded up to whole windows with tokens whose q, k, v are ``pad`` (3C,) (zeros when
     None): what SAM's window partition of the block input followed by ``qkv`` gives, without
-    copying any window. rel_h (B, heads, H, W, window rows), rel_w (B, heads, H, W, window
-    columns): each token's decomposed rel-pos bias within its window.
+    copying any window. ``rel`` (B, heads, H, W, >= 2h - 1 + 2w - 1) for h x w windows: each
+    query's q . table for every relative offset (``Attention._rel_logits``); the bias towards a
+    key at window row k and column l is ``rel[..., r - k + h - 1] + rel[..., 2h - 1 + c - l + w - 1]``
+    for a query at (r, c).
     """
     _check_device(qkv)
     B, H, W, C3 = qkv.shape
@@ -337,23 +347,22 @@ def _launch_grid(
         raise ValueError(f"triton attention: qkv width {C3} is not 3 x a multiple of {num_heads} heads.")
     d = C // num_heads
     wh, ww = (window_size, window_size) if window_size > 0 else (H, W)
-    rel = None
-    if rel_h is not None:
-        if rel_w is None or rel_h.shape != (B, num_heads, H, W, wh) or rel_w.shape != (B, num_heads, H, W, ww):
+    rels = None
+    if rel is not None:
+        if rel.shape[:4] != (B, num_heads, H, W) or rel.shape[4] < 2 * (wh + ww) - 2:
             raise ValueError(
-                f"triton attention: rel_h {tuple(rel_h.shape)} / rel_w "
-                f"{None if rel_w is None else tuple(rel_w.shape)} do not match "
-                f"{(B, num_heads, H, W)} tokens with {wh}x{ww} windows."
+                f"triton attention: rel {tuple(rel.shape)} does not match {(B, num_heads, H, W)} "
+                f"tokens with {2 * (wh + ww) - 2} relative offsets of {wh}x{ww} windows."
             )
-        rel = (rel_h, rel_w)
+        rels = (rel, rel[..., 2 * wh - 1:])
     q, k, v = qkv[..., :C], qkv[..., C: 2 * C], qkv[..., 2 * C:]
     o = qkv.new_empty(B, H, W, C)
     s = qkv.stride()
     tok = (s[0], d * s[3], s[1], s[2], s[3])
     strides = [tok, tok, tok, (o.stride(0), d, o.stride(1), o.stride(2), 1)]
-    strides += [r.stride() for r in rel] if rel is not None else [tok, tok]
+    strides += [rel.stride()] * 2 if rel is not None else [tok, tok]
     pads = None if pad is None else (pad[C: 2 * C].to(qkv.dtype), pad[2 * C:].to(qkv.dtype))
-    return _run(q, k, v, o, strides, rel, pads, num_heads, d, (H, W), (wh, ww), H * W, config)
+    return _run(q, k, v, o, strides, rels, pads, num_heads, d, (H, W), (wh, ww), H * W, config, table=True)
 
 
 @torch.library.custom_op("sam_fast::triton_rel_pos_attention", mutates_args=())
@@ -377,15 +386,14 @@ def _triton_grid_op(
     qkv: torch.Tensor,
     num_heads: int,
     window_size: int,
-    rel_h: Optional[torch.Tensor],
-    rel_w: Optional[torch.Tensor],
+    rel: Optional[torch.Tensor],
     pad: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    return _launch_grid(qkv, num_heads, window_size, rel_h, rel_w, pad)
+    return _launch_grid(qkv, num_heads, window_size, rel, pad)
 
 
 @_triton_grid_op.register_fake
-def _(qkv, num_heads, window_size, rel_h, rel_w, pad):
+def _(qkv, num_heads, window_size, rel, pad):
     return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3)
 
 
@@ -397,12 +405,12 @@ def triton_rel_pos_attention(q, k, v, rel_h=None, rel_w=None, config=None):
     return _triton_op(q, k, v, rel_h, rel_w)
 
 
-def triton_grid_attention(qkv, num_heads, window_size, rel_h=None, rel_w=None, pad=None, config=None):
+def triton_grid_attention(qkv, num_heads, window_size, rel=None, pad=None, config=None):
     """Fused rel-pos attention on the encoder's token grid (see :func:`_launch_grid`), as a
     custom op; ``config`` (benchmarks only) bypasses the op."""
     if config is not None:
-        return _launch_grid(qkv, num_heads, window_size, rel_h, rel_w, pad, config)
-    return _triton_grid_op(qkv, num_heads, window_size, rel_h, rel_w, pad)
+        return _launch_grid(qkv, num_heads, window_size, rel, pad, config)
+    return _triton_grid_op(qkv, num_heads, window_size, rel, pad)
 
 
 register_backend("triton", triton_rel_pos_attention, grid_fn=triton_grid_attention)

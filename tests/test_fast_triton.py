@@ -95,7 +95,7 @@ _CHILD = textwrap.dedent(
         if rows:
             from segment_anything_fast.triton_attention import triton_grid_attention
             blk.attn.attend = lambda qkv, w, p: triton_grid_attention(
-                qkv, heads, w, *blk.attn._grid_rel_bias(qkv, w), p,
+                qkv, heads, w, blk.attn._rel_logits(qkv, w), p,
                 config=dict(BLOCK_M=16, ROWS=rows, num_warps=4, num_stages=1))
             with torch.no_grad():
                 err = ((blk(x) - want).norm() / want.norm()).item()

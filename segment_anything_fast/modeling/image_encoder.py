@@ -209,30 +209,6 @@ class Attention(nn.Module):
             if not rel_pos_zero_init:
                 nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
                 nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
-            # Index tables for the configured grid; not part of the checkpoint.
-            self.register_buffer("rel_index_h", torch.empty(0, dtype=torch.long), persistent=False)
-            self.register_buffer("rel_index_w", torch.empty(0, dtype=torch.long), persistent=False)
-            self.init_nonpersistent_buffers()
-
-    def init_nonpersistent_buffers(self, device=None) -> None:
-        """(Re)compute the rel-pos index tables, e.g. after building on the meta device."""
-        if not self.use_rel_pos:
-            return
-        device = self.rel_pos_h.device if device is None else device
-        h, w = self.input_size
-        self.rel_index_h = _rel_pos_index(h, h).to(device)
-        self.rel_index_w = _rel_pos_index(w, w).to(device)
-
-    def _rel_tables(self, H: int, W: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(H, H, C) and (W, W, C) gathered rel-pos embeddings for an HxW grid."""
-        if (
-            self.input_size is not None
-            and (H, W) == tuple(self.input_size)
-            and self.rel_pos_h.shape[0] == 2 * H - 1
-            and self.rel_pos_w.shape[0] == 2 * W - 1
-        ):
-            return self.rel_pos_h[self.rel_index_h], self.rel_pos_w[self.rel_index_w]
-        return get_rel_pos(H, H, self.rel_pos_h), get_rel_pos(W, W, self.rel_pos_w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.attend(self.qkv(x)))
@@ -248,28 +224,29 @@ class Attention(nn.Module):
         """
         grid_fn = grid_backend(self.backend)
         if grid_fn is not None:
-            rel_h, rel_w = self._grid_rel_bias(qkv, window_size) if self.use_rel_pos else (None, None)
-            return grid_fn(qkv, self.num_heads, window_size, rel_h, rel_w, pad_value if window_size else None)
+            rel = self._rel_logits(qkv, window_size) if self.use_rel_pos else None
+            return grid_fn(qkv, self.num_heads, window_size, rel, pad_value if window_size else None)
         if window_size == 0:
             return self._attend_tokens(qkv)
         H, W = qkv.shape[1], qkv.shape[2]
         windows, pad_hw = window_partition(qkv, window_size, pad_value)
         return window_unpartition(self._attend_tokens(windows), window_size, pad_hw, (H, W))
 
-    def _grid_rel_bias(self, qkv: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Each token's rel-pos bias within its window: rel_h (B, heads, H, W, window rows),
-        rel_w (B, heads, H, W, window columns); window = the whole grid when ``window_size`` 0."""
-        H, W, C = qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
-        q = qkv[..., :C].unflatten(-1, (self.num_heads, -1))  # (B, H, W, heads, head_dim)
-        if window_size:
-            Rh, Rw = self._rel_tables(window_size, window_size)
-            Rh = Rh[torch.arange(H, device=Rh.device) % window_size]  # table of each grid row
-            Rw = Rw[torch.arange(W, device=Rw.device) % window_size]
-        else:
-            Rh, Rw = self._rel_tables(H, W)
-        rel_h = torch.einsum("byxnc,ykc->bnyxk", q, Rh)
-        rel_w = torch.einsum("byxnc,xkc->bnyxk", q, Rw)
-        return rel_h, rel_w
+    def _rel_logits(self, qkv: torch.Tensor, window_size: int) -> torch.Tensor:
+        """q . (rel-pos table entry) for every token and relative offset within its window:
+        (B, heads, H, W, E), E >= 2h - 1 + 2w - 1 for h x w windows (the whole grid when
+        ``window_size`` is 0). A query at window row r, column c gets the bias
+        ``[r - k + h - 1] + [2h - 1 + c - l + w - 1]`` towards the key at (k, l): SAM's
+        decomposed bias, from one matmul per head over the rel-pos tables (2h - 1 + 2w - 1
+        entries, padded to a multiple of 8) read straight from ``qkv``, with no gathered
+        (h, h, head_dim) tables and no copy of q."""
+        B, H, W, C = qkv.shape[0], qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
+        h, w = (window_size, window_size) if window_size else (H, W)
+        table = torch.cat([_resize_rel_pos(self.rel_pos_h, 2 * h - 1), _resize_rel_pos(self.rel_pos_w, 2 * w - 1)])
+        table = F.pad(table, (0, 0, 0, -table.shape[0] % 8)).to(qkv.dtype)
+        q = qkv[..., :C].reshape(B * H * W, self.num_heads, -1).transpose(0, 1)  # (heads, T, d)
+        logits = torch.bmm(q, table.t().expand(self.num_heads, -1, -1))  # (heads, T, E)
+        return logits.view(self.num_heads, B, H, W, -1).permute(1, 0, 2, 3, 4)
 
     def _attend_tokens(self, qkv: torch.Tensor) -> torch.Tensor:
         """Attention over all tokens of (B, H, W, 3C) ``qkv`` through ``rel_pos_attention``."""
@@ -278,8 +255,15 @@ class Attention(nn.Module):
         qkv_grid, qkv = qkv, qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         rel_h = rel_w = None
-        if self.use_rel_pos:
-            rel_h, rel_w = (r.reshape(B, self.num_heads, N, -1) for r in self._grid_rel_bias(qkv_grid, 0))
+        if self.use_rel_pos:  # one value per key row / column, picked from the logits
+            logits = self._rel_logits(qkv_grid, 0)
+            dev = logits.device
+            iy = torch.arange(H, device=dev)
+            ix = torch.arange(W, device=dev)
+            idx_h = (iy[:, None, None] - iy[None, None, :] + H - 1).expand(B, self.num_heads, H, W, H)
+            idx_w = (ix[:, None] - ix[None, :] + 2 * H + W - 2).expand(B, self.num_heads, H, W, W)
+            rel_h = logits.gather(-1, idx_h).reshape(B, self.num_heads, N, H)
+            rel_w = logits.gather(-1, idx_w).reshape(B, self.num_heads, N, W)
         out = rel_pos_attention(q, k, v, rel_h, rel_w, self.backend)
         return out.transpose(1, 2).reshape(B, H, W, C)
 

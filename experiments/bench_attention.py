@@ -4,6 +4,9 @@ Shapes are SAM's at a given image batch: global layers (64x64 grid) and windowed
 (25 windows of 14x14 per image), for vit_b (12 heads x 64) and vit_h (16 heads x 80).
 Backends: "sdpa" (dense bias as attn_mask), "flex" (score_mod), "triton" (ours, with the
 table config and a sweep of launch configs, so kernel_config can be set from measurements).
+``--grid-shapes``: the form the encoder runs, ``triton_grid_attention`` on a (B, 64, 64, 3C)
+qkv tensor (windows read in place, padded edge windows), with the same config sweep, and the
+time of the layer's rel-logit matmul (``Attention._rel_logits``).
 
     python experiments/bench_attention.py --batch 8 --out experiments/results/attention.json
 """
@@ -12,6 +15,7 @@ import json
 import time
 
 import torch
+import triton
 
 from segment_anything_fast.attention import dense_bias, rel_pos_attention
 from segment_anything_fast.triton_attention import kernel_config, triton_rel_pos_attention
@@ -80,13 +84,76 @@ def sweep_configs(name):
     return out
 
 
-def main():
+GRID_SHAPES = {  # name: (embed dim, heads, window size; 0 = global), on a 64x64 token grid
+    "vit_b_grid_global": (768, 12, 0),
+    "vit_b_grid_window": (768, 12, 14),
+    "vit_h_grid_global": (1280, 16, 0),
+    "vit_h_grid_window": (1280, 16, 14),
+}
+
+
+def grid_rows(name, batch, sweep, cap, grid=64, device="cuda", dtype=torch.bfloat16):
+    """The encoder's form: triton_grid_attention on a (B, 64, 64, 3C) qkv tensor (windows read in
+    place, padded to 70x70 with qkv's bias), with rel logits from ``Attention._rel_logits``;
+    reference: the same Attention in float32 through the math backend (window partition)."""
+    from segment_anything_fast.modeling.image_encoder import Attention
+    from segment_anything_fast.triton_attention import triton_grid_attention
+
+    dim, nh, ws = GRID_SHAPES[name]
+    size = ws or grid
+    torch.manual_seed(0)
+    attn = Attention(dim, nh, use_rel_pos=True, rel_pos_zero_init=False, input_size=(size, size),
+                     attention="math").to(device)
+    with torch.no_grad():
+        attn.qkv.bias.normal_()
+        qkv = torch.randn(batch, grid, grid, 3 * dim, device=device)
+        ref = attn.attend(qkv, ws, attn.qkv.bias)
+        attn.to(dtype)
+        qkv = qkv.to(dtype)
+        rel = attn._rel_logits(qkv, ws)
+    pad = attn.qkv.bias.detach()
+    n_win = triton.cdiv(grid, ws) ** 2 if ws else 1
+    flops = 4 * batch * n_win * nh * (size * size) ** 2 * (dim // nh)
+    cfgs = {"table": kernel_config(size * size, size, dim // nh, cap)}
+    if sweep:
+        cfgs.update({"[{BLOCK_M},{ROWS},{num_warps},{num_stages}]".format(**c): c
+                     for c in sweep_configs("global" if ws == 0 else "window")})
+    rows = []
+    for key, cfg in cfgs.items():
+        fn = (lambda c: lambda: triton_grid_attention(qkv, nh, ws, rel, pad, config=c))(cfg)
+        t0 = time.time()
+        try:
+            out = fn()
+            torch.cuda.synchronize()
+            first = time.time() - t0
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            ms = bench(fn)
+        except Exception as e:  # a config that does not fit (shared memory) is skipped
+            print(f"{name:18s} grid{key:24s} FAILED {type(e).__name__}: {str(e)[:120]}")
+            continue
+        rows.append(dict(shape=name, batch=batch, variant=f"grid{key}", config=cfg, ms=ms,
+                         tflops=flops / ms / 1e9, rel_err=err, first_s=first))
+        print(f"{name:18s} grid{key:24s} {ms:8.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s err {err:.2e}",
+              flush=True)
+    with torch.no_grad():  # the bias input of the layer: one matmul per layer
+        ms = bench(lambda: attn._rel_logits(qkv, ws))
+    rows.append(dict(shape=name, batch=batch, variant="rel_logits", ms=ms))
+    print(f"{name:18s} rel_logits (bias input matmul) {ms:8.3f} ms", flush=True)
+    return rows
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--grid-shapes", nargs="*", default=list(GRID_SHAPES), choices=list(GRID_SHAPES),
+                    help="the encoder's form (triton_grid_attention on the token grid)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("bench_attention needs a CUDA GPU (it times the kernels); on the CPU, "
+                 "tests/test_fast_triton.py checks them in the Triton interpreter")
     import segment_anything_fast.flex_attention  # noqa: F401  (registers "flex")
 
     cap = torch.cuda.get_device_capability()
@@ -130,6 +197,9 @@ def main():
         if best:
             print(f"{name}: best triton {best['variant']} {best['ms']:.3f} ms")
         del q, k, v, rh, rw, ref
+        torch.cuda.empty_cache()
+    for name in args.grid_shapes:
+        rows += grid_rows(name, args.batch, not args.no_sweep, cap)
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:

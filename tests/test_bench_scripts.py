@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 
 import aoti_load_check  # noqa: E402
 import bench_amg  # noqa: E402
+import bench_attention  # noqa: E402
 import bench_encoder  # noqa: E402
 import bench_fp8_quant  # noqa: E402
 import bench_int8_matmul  # noqa: E402
@@ -156,9 +157,10 @@ def test_bench_encoder_compress_linears_columns(capsys):
 @pytest.mark.bad_input
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU errors")
 def test_gpu_kernel_benches_refuse_bad_flags_and_the_cpu(capsys, tmp_path):
-    """bench_postprocess / bench_fp8_quant / bench_int8_matmul time GPU kernels: a clear parser error without CUDA,
+    """bench_postprocess / bench_fp8_quant / bench_int8_matmul / bench_attention time GPU kernels: a clear parser error without CUDA,
     and for unusable flags before any work."""
-    for main, argv in ((bench_postprocess.main, []), (bench_fp8_quant.main, []), (bench_int8_matmul.main, [])):
+    for main, argv in ((bench_postprocess.main, []), (bench_fp8_quant.main, []), (bench_int8_matmul.main, []),
+                       (bench_attention.main, [])):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err

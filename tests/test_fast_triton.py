@@ -153,3 +153,30 @@ def test_attention_kernel_compiles_for_hopper_with_pipelined_loads(tmp_path):
     assert rep["loop_instructions"] > 100 and rep["loop_mix"].get("HGMMA", 0) > 0
     assert rep["loop_async_copies"] > 0 and rep["spills"] == 0
     assert json.loads(out.read_text())["reports"][0]["case"] == "vit_b_global"
+
+
+_GRID_BENCH_CHILD = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, "experiments")
+    import bench_attention as b
+    b.GRID_SHAPES.update(tiny_window=(32, 2, 5), tiny_global=(32, 2, 0))
+    b.bench = lambda fn, **kw: (lambda t: (fn(), (time.time() - t) * 1e3)[1])(time.time())
+    torch.cuda.synchronize = lambda: None
+    rows = (b.grid_rows("tiny_window", 1, False, (9, 0), grid=7, device="cpu", dtype=torch.float16)
+            + b.grid_rows("tiny_global", 1, False, (9, 0), grid=8, device="cpu", dtype=torch.float16))
+    errs = [r["rel_err"] for r in rows if r["variant"] == "gridtable"]
+    assert len(errs) == 2 and max(errs) < 2e-3, errs
+    assert [r["variant"] for r in rows].count("rel_logits") == 2
+    print("OK")
+    """
+)
+
+
+def test_bench_attention_grid_mode_in_interpreter():
+    """bench_attention --grid-shapes' kernel call and float32 reference agree (tiny shapes, fp16,
+    Triton interpreter, timing stubbed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", _GRID_BENCH_CHILD], env=dict(os.environ, TRITON_INTERPRET="1"),
+                         capture_output=True, text=True, timeout=240, cwd=root)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr

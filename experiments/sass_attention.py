@@ -8,7 +8,7 @@ wgmma instructions). It does not time anything: it tells which variant keeps its
 pipelined (LDGSTS, no LDG in the loop) and how many instructions a key block costs.
 
     python experiments/sass_attention.py --out experiments/results/attention_sass.json
-    python experiments/sass_attention.py --package-root /path/to/old/checkout  # another version
+    python experiments/sass_attention.py --package-root /path/to/other/checkout  # another version
 """
 import argparse
 import importlib
@@ -24,11 +24,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-CASES = {  # name: (window rows/cols, head dim, bias, padded windows)
-    "vit_b_global": (64, 64, True, False),
-    "vit_h_global": (64, 80, True, False),
-    "vit_b_window": (14, 64, True, True),
-    "vit_h_window": (14, 80, True, True),
+CASES = {  # name: (window size on SAM's 64x64 token grid, head dim); with rel-pos bias
+    "vit_b_global": (64, 64),
+    "vit_h_global": (64, 80),
+    "vit_b_window": (14, 64),
+    "vit_h_window": (14, 80),
 }
 _POINTERS = ("Q", "K", "V", "RH", "RW", "PK", "PV", "O")
 _UNIT = ("s_qd", "s_kd", "s_vd", "s_od", "s_hk", "s_wk")
@@ -41,21 +41,17 @@ def _tools():
 
 def compile_case(mod, name, num_warps=None, num_stages=None, block_m=None, rows=None):
     """Compile one case; returns its report dict and the SASS text."""
-    grid, d, bias, padded = CASES[name]
-    cfg = mod.kernel_config(grid * grid, grid, d, (9, 0))
+    size, d = CASES[name]
+    cfg = mod.kernel_config(size * size, size, d, (9, 0))
     cfg.update({k: v for k, v in dict(num_warps=num_warps, num_stages=num_stages,
                                       BLOCK_M=block_m, ROWS=rows).items() if v is not None})
-    d0, d1 = mod._split_head_dim(d)
-    wp = triton.next_power_of_2(grid)
-    consts = dict(HAS_BIAS=bias, PADDED=padded, HAS_PAD=padded, D0=d0, D1=d1, WH=grid, WW=grid,
-                  WP=wp, ROWS=cfg["ROWS"], BLOCK_M=cfg["BLOCK_M"],
-                  EVEN_M=not padded and (grid * grid) % cfg["BLOCK_M"] == 0,
-                  EVEN_N=not padded and wp == grid and grid % cfg["ROWS"] == 0, IEEE=False)
-    consts["MASK_COLS"] = not consts["EVEN_N"] and not (bias and grid % cfg["ROWS"] == 0)
-    consts["TABLE"] = True  # rel-pos logits per relative offset, as the encoder passes them
+    if not hasattr(mod, "launch_constants"):
+        raise SystemExit(f"{mod.__file__} has no launch_constants: this script analyses "
+                         "checkouts from session 19's review on")
+    consts = mod.launch_constants((64, 64), (size, size), d, cfg, True, True, 64 * 64, table=True, ieee=False)
+    padded = consts["PADDED"]
     fn = mod._rel_pos_attn_fwd
     params = list(inspect.signature(fn.fn).parameters)
-    consts = {k: v for k, v in consts.items() if k in params}  # older kernels lack some
     consts.update({p: 1 for p in _UNIT if p in params})
     sig, attrs = {}, {}
     for i, p in enumerate(params):
@@ -82,7 +78,7 @@ def compile_case(mod, name, num_warps=None, num_stages=None, block_m=None, rows=
         res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
     report = dict(case=name, config=cfg, registers=int(re.search(r"REG:(\d+)", res).group(1)),
-                  key_blocks=triton.cdiv(grid, cfg["ROWS"]))
+                  key_blocks=triton.cdiv(size, cfg["ROWS"]))
     report.update(analyse(sass))
     return report, sass
 
@@ -125,7 +121,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--package-root", default=None,
-                    help="directory holding another segment_anything_fast to analyse (e.g. an old checkout)")
+                    help="directory holding another segment_anything_fast to analyse (one with "
+                         "triton_attention.launch_constants)")
     ap.add_argument("--num-warps", type=int, default=None, help="override kernel_config's")
     ap.add_argument("--num-stages", type=int, default=None, help="override kernel_config's")
     ap.add_argument("--rows", type=int, default=None, help="override kernel_config's ROWS")

@@ -248,36 +248,44 @@ def _check_device(t: torch.Tensor) -> None:
     use_torch_ptxas()
 
 
+def launch_constants(grid_hw, window_hw, d, cfg, has_rel, has_pad, ntok, table, ieee) -> dict:
+    """The kernel's constexpr arguments for a ``grid_hw`` token grid attended in ``window_hw``
+    windows (the whole grid for global attention) with launch config ``cfg``; also used by
+    experiments/sass_attention.py to compile exactly what a launch compiles."""
+    (H, W), (wh, ww) = grid_hw, window_hw
+    d0, d1 = _split_head_dim(d)
+    padded = triton.cdiv(H, wh) * wh != H or triton.cdiv(W, ww) * ww != W
+    wp = triton.next_power_of_2(ww)
+    even_n = wp == ww and wh % cfg["ROWS"] == 0 and not padded and ntok == H * W
+    # the only keys to mask are the columns past WW (blocks of whole window rows; in a window
+    # every real or padded key counts): rel_w's tile masks them once, not every key block
+    cols_only = has_rel and wh % cfg["ROWS"] == 0 and ntok == H * W and (padded or (H, W) == (wh, ww))
+    return dict(
+        HAS_BIAS=has_rel, PADDED=padded, HAS_PAD=has_pad and padded,
+        D0=d0, D1=d1, WH=wh, WW=ww, WP=wp, ROWS=cfg["ROWS"], BLOCK_M=cfg["BLOCK_M"],
+        EVEN_M=(wh * ww) % cfg["BLOCK_M"] == 0 and not padded and ntok == H * W,
+        EVEN_N=even_n, MASK_COLS=not even_n and not cols_only, TABLE=table, IEEE=ieee,
+    )
+
+
 def _run(q, k, v, o, strides, rel, pad, nh, d, grid_hw, window_hw, ntok, config, table=False):
     """Launch the kernel over ``B x windows x heads``. ``strides``: (b, head, y, x, last) of q, k,
     v, o, rel_h, rel_w; ``rel`` (rel_h, rel_w) or None, one value per key row / column, or with
     ``table`` one per relative offset (see :func:`_launch_grid`); ``pad`` (k, v) per-channel vectors of the
     tokens padded onto the windows, or None (zeros); ``grid_hw`` the token grid, ``window_hw``
     the attention window (the whole grid for global attention); ``ntok`` the real tokens."""
-    B = q.shape[0]
     (H, W), (wh, ww) = grid_hw, window_hw
-    d0, d1 = _split_head_dim(d)
     nwy, nwx = triton.cdiv(H, wh), triton.cdiv(W, ww)
-    padded = nwy * wh != H or nwx * ww != W
     cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (9, 0)
     cfg = dict(config) if config is not None else kernel_config(wh * ww, ww, d, cap)
-    wp = triton.next_power_of_2(ww)
     rh, rw = rel if rel is not None else (q, q)  # unused without bias
     pk, pv = pad if pad is not None else (q, q)
-    grid = (triton.cdiv(wh * ww, cfg["BLOCK_M"]), B * nwy * nwx * nh)
-    even_n = wp == ww and wh % cfg["ROWS"] == 0 and not padded and ntok == H * W
-    # the only keys to mask are the columns past WW (blocks of whole window rows; in a window
-    # every real or padded key counts): rel_w's tile masks them once, not every key block
-    cols_only = rel is not None and wh % cfg["ROWS"] == 0 and ntok == H * W and (padded or (H, W) == (wh, ww))
+    grid = (triton.cdiv(wh * ww, cfg["BLOCK_M"]), q.shape[0] * nwy * nwx * nh)
     _rel_pos_attn_fwd[grid](
         q, k, v, rh, rw, pk, pv, o, *[s for t in strides for s in t],
         nh, nwx, nwy * nwx, H, W, ntok, (d ** -0.5) * _LOG2E, d ** 0.5,
-        HAS_BIAS=rel is not None, PADDED=padded, HAS_PAD=pad is not None and padded,
-        D0=d0, D1=d1, WH=wh, WW=ww, WP=wp, ROWS=cfg["ROWS"], BLOCK_M=cfg["BLOCK_M"],
-        EVEN_M=(wh * ww) % cfg["BLOCK_M"] == 0 and not padded and ntok == H * W,
-        EVEN_N=even_n,
-        MASK_COLS=not even_n and not cols_only, TABLE=table,
-        IEEE=q.dtype == torch.float32,
+        **launch_constants(grid_hw, window_hw, d, cfg, rel is not None, pad is not None, ntok,
+                           table, q.dtype == torch.float32),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o

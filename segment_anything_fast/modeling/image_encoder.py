@@ -252,11 +252,10 @@ class Attention(nn.Module):
         """Attention over all tokens of (B, H, W, 3C) ``qkv`` through ``rel_pos_attention``."""
         B, H, W, C = qkv.shape[0], qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
         N = H * W
-        qkv_grid, qkv = qkv, qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
         rel_h = rel_w = None
         if self.use_rel_pos:  # one value per key row / column, picked from the logits
-            logits = self._rel_logits(qkv_grid, 0)
+            logits = self._rel_logits(qkv, 0)
             dev = logits.device
             iy = torch.arange(H, device=dev)
             ix = torch.arange(W, device=dev)

@@ -391,21 +391,14 @@ def warm_up_postprocess(sam, image_sizes, device, dtype) -> int:
 def decode_packed(sam, embeddings, image_index, sparse, dense):
     """Mask decoder over prompts of several images in one call.
 
-    ``embeddings`` (B, C, h, w); ``image_index`` (P,) selects each prompt's image. Mirrors
-    ``MaskDecoder.predict_masks`` but gathers one embedding per prompt instead of repeating a
-    single image's. Returns all mask tokens' (P, T, 4h, 4w) masks and (P, T) IoU predictions.
+    ``embeddings`` (B, C, h, w); ``image_index`` (P,) selects each prompt's image
+    (``MaskDecoder.predict_masks_per_prompt``: the first layer's image side is projected once
+    per image). Returns all mask tokens' (P, T, 4h, 4w) masks and (P, T) IoU predictions.
     """
     dec = sam.mask_decoder
     dec = getattr(dec, "inner", dec)  # the eager module behind a compiled BucketedMaskDecoder
-    dtype = dec.iou_token.weight.dtype
-    sparse = sparse.to(dtype)
-    out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-    tokens = torch.cat((out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse), dim=1)
-    src = embeddings.to(dtype).index_select(0, image_index) + dense.to(dtype)
-    pe = sam.prompt_encoder.get_dense_pe().to(dtype).expand(src.shape[0], -1, -1, -1)
-    hs, src = dec.transformer(src, pe, tokens)
-    masks = dec.upscale_masks(src, hs[:, 1:1 + dec.num_mask_tokens], pe.shape[-1])
-    return masks, dec.iou_prediction_head(hs[:, 0, :])
+    return dec.predict_masks_per_prompt(embeddings, sam.prompt_encoder.get_dense_pe(), sparse, dense,
+                                        image_index=image_index)
 
 
 def decode_best(sam, embeddings, prompts):

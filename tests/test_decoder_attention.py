@@ -54,6 +54,23 @@ _CHILD = textwrap.dedent(
     q, k, v = wide[:, :7, :32], wide[:, :, 32:64], wide[:, :, 64:]
     assert ((decoder_attention(q, k, v, 2).double() - ref(q, k, v, 2)).norm() / ref(q, k, v, 2).norm()) < 1e-5
     assert kernel_config(7, 4096, 16)["BLOCK_M"] == 16 and kernel_config(4096, 7, 16)["BLOCK_N"] == 16
+    # one row per image on one side, an index per prompt: equals the gathered rows
+    g = torch.Generator().manual_seed(8)
+    idx = torch.tensor([2, 0, 0, 1, 2])
+    for M, N, side in ((7, 300, "kv"), (200, 7, "q")):
+        q = torch.randn(3 if side == "q" else 5, M, 32, generator=g) * 2
+        k = torch.randn(3 if side == "kv" else 5, N, 32, generator=g) * 2
+        v = torch.randn(k.shape, generator=g)
+        if side == "q":
+            out, r = decoder_attention(q, k, v, 2, q_index=idx), ref(q[idx], k, v, 2)
+        else:
+            out, r = decoder_attention(q, k, v, 2, kv_index=idx), ref(q, k[idx], v[idx], 2)
+        assert out.shape == r.shape and ((out.double() - r).norm() / r.norm()).item() < 1e-5, side
+        wrong = ref(q[idx.flip(0)], k, v, 2) if side == "q" else ref(q, k[idx.flip(0)], v[idx.flip(0)], 2)
+        assert ((out.double() - wrong).norm() / wrong.norm()).item() > 1e-2, side
+    # a batch-1 side with an index broadcasts
+    out = decoder_attention(q[:1], k, v, 2, q_index=torch.zeros(5, dtype=torch.long))
+    assert ((out.double() - ref(q[:1], k, v, 2)).norm() / out.norm()).item() < 1e-5
 
     # the whole decoder: same masks and IoU as with SDPA, for one image's prompts (layer 0's
     # image side computed once and broadcast) and for one embedding per prompt
@@ -74,6 +91,19 @@ _CHILD = textwrap.dedent(
         (m0, i0), (m1, i1) = outs
         assert ((m1 - m0).norm() / m0.norm()).item() < 1e-5, n_img
         assert ((i1 - i0).norm() / i0.norm()).item() < 1e-5, n_img
+    # prompts of 3 images, one embedding row per image and an index per prompt (eval_combo's
+    # packed batches): both backends equal the SDPA decoder on the gathered embeddings
+    emb, idx = torch.randn(3, 128, 6, 6), torch.tensor([1, 0, 2, 1])
+    sparse, dense = torch.randn(4, 4, 128), torch.randn(1, 128, 6, 6).expand(4, -1, -1, -1)
+    dec.transformer.set_attention("sdpa")
+    with torch.no_grad():
+        m0, i0 = dec.predict_masks_per_prompt(emb[idx], pe, sparse, dense)
+    for backend in ("sdpa", "triton"):
+        dec.transformer.set_attention(backend)
+        with torch.no_grad():
+            m1, i1 = dec.predict_masks_per_prompt(emb, pe, sparse, dense, image_index=idx)
+        assert ((m1 - m0).norm() / m0.norm()).item() < 1e-5, backend
+        assert ((i1 - i0).norm() / i0.norm()).item() < 1e-5, backend
     print("OK")
     """
 )
@@ -110,3 +140,16 @@ def test_fast_builder_rejects_triton_decoder_attention_on_cpu():
     with pytest.raises(ValueError, match="decoder_attention='triton' needs device='cuda'"):
         build_sam_fast("tiny", device="cpu", decoder_attention="triton", compile_mode=None,
                        decoder_compile_mode=None)
+
+
+def test_decoder_attention_index_checks():
+    from segment_anything_fast.decoder_attention import check_shapes
+
+    q, k = torch.zeros(3, 7, 32), torch.zeros(2, 50, 32)
+    check_shapes(q, k, k, 2, kv_index=torch.tensor([0, 1, 1]))  # 3 prompts over 2 images
+    with pytest.raises(ValueError, match="kv_index must be a 1-D int32/int64"):
+        check_shapes(q, k, k, 2, kv_index=torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="q_index must be a 1-D"):
+        check_shapes(q, k, k, 2, q_index=torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch sizes 3 and 4 differ"):
+        check_shapes(q, k, k, 2, kv_index=torch.tensor([0, 1, 1, 0]))

@@ -248,6 +248,12 @@ def test_modules_compile_fullgraph_without_graph_breaks(pair, embeddings):
         m, i = dec(embeddings[:1], dense_pe, s_ref, d_ref, True)
         m_ref, _ = ours.mask_decoder(embeddings[:1], dense_pe, s_ref, d_ref, True)
         close(m, m_ref)
+        # prompts of two images by index (eval_combo's packed decoder)
+        s_pts, d_pts = ours.prompt_encoder((coords, labels), None, None)
+        idx = torch.tensor([1, 0, 1])
+        packed = torch.compile(ours.mask_decoder.predict_masks_per_prompt, fullgraph=True, backend="eager")
+        m, _ = packed(embeddings, dense_pe, s_pts, d_pts, image_index=idx)
+        close(m, ours.mask_decoder.predict_masks_per_prompt(embeddings, dense_pe, s_pts, d_pts, image_index=idx)[0])
     assert time.time() - t0 < 60
 
 
@@ -344,6 +350,30 @@ def test_mask_decoder_shares_the_image_side_across_prompts(pair, embeddings):
     close(i1, i2)
     close(m1, m_dense)
     close(i1, i_dense)
+
+
+def test_mask_decoder_image_index_equals_the_original_per_image(pair, embeddings):
+    """Prompts of two images in one call (image_index): layer 0 projects each image once, and
+    every prompt gets the original decoder's masks for its own image; with mask prompts (a
+    per-prompt dense embedding) the embeddings are gathered first, same values."""
+    ours, orig = pair
+    coords, labels, boxes, masks = _prompts()
+    idx = torch.tensor([1, 0, 1])
+    pe = orig.prompt_encoder.get_dense_pe()
+    for mask_in in (None, masks):
+        with torch.no_grad():
+            sparse, dense = orig.prompt_encoder((coords, labels), boxes, mask_in)
+            seen = []
+            layer0 = ours.mask_decoder.transformer.layers[0]
+            hook = layer0.cross_attn_token_to_image.k_proj.register_forward_hook(
+                lambda m, inp, out: seen.append(inp[0].shape[0]))
+            m1, i1 = ours.mask_decoder.predict_masks_per_prompt(embeddings, pe, sparse, dense, image_index=idx)
+            hook.remove()
+            for n, j in enumerate(idx.tolist()):
+                m2, i2 = orig.mask_decoder(embeddings[j:j + 1], pe, sparse[n:n + 1], dense[n:n + 1], True)
+                close(m1[n:n + 1, 1:], m2)
+                close(i1[n:n + 1, 1:], i2)
+        assert seen == ([2] if mask_in is None else [3]), seen
 
 
 def test_patch_embed_gemm_equals_conv():

@@ -1,11 +1,12 @@
 """Mask decoder: predicts masks and their IoU from image and prompt embeddings."""
-from typing import Tuple, Type
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d
+from .transformer import take_rows
 
 
 class MaskDecoder(nn.Module):
@@ -101,20 +102,32 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        image_index: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`predict_masks` with one image embedding / PE / dense row per prompt
         (N, C, h, w), so prompts of several images go through one call (used in training), or
-        one row shared by all N prompts."""
+        one row shared by all N prompts. With ``image_index`` (N,), the image embeddings (and
+        PE, or batch 1) hold one row per *image* and prompt n uses row ``image_index[n]``: with
+        a shared dense embedding (no mask prompts) the transformer's first layer then projects
+        each image once instead of once per prompt; the result equals that of
+        ``image_embeddings[image_index]``."""
         dtype = self.iou_token.weight.dtype
         sparse = sparse_prompt_embeddings.to(dtype)
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         out_tokens = out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
         tokens = torch.cat((out_tokens, sparse), dim=1)
-        src = image_embeddings.to(dtype) + dense_prompt_embeddings.to(dtype)
+        dense = dense_prompt_embeddings
+        if image_index is not None and not is_shared_dense(dense):  # per-prompt dense: gather first
+            image_embeddings = image_embeddings.index_select(0, image_index)
+            image_pe = take_rows(image_pe, image_index)
+            image_index = None
+        elif image_index is not None:
+            dense = dense[:1]
+        src = image_embeddings.to(dtype) + dense.to(dtype)
         pos_src = image_pe.to(dtype)
         w = src.shape[-1]
 
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self.transformer(src, pos_src, tokens, image_index=image_index)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 

@@ -1,6 +1,6 @@
 """Two-way transformer of the mask decoder: tokens attend to the image and back."""
 import math
-from typing import Tuple, Type
+from typing import Optional, Tuple, Type
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -58,19 +58,27 @@ class TwoWayTransformer(nn.Module):
             a.backend = backend
 
     def forward(
-        self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor
+        self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor,
+        image_index: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         """(B, C, h, w) image, (B, C, h, w) PE, (B, N, C) tokens -> (tokens, image tokens).
 
         The image and PE may have batch 1 for B prompts of one image (no per-prompt dense
         embedding): the image side is then computed once until it first depends on the
-        tokens, instead of B times (the same values as repeating it).
+        tokens, instead of B times (the same values as repeating it). Likewise for prompts of
+        several images: the image and PE hold one row per image (or batch 1) and
+        ``image_index`` (B,) gives each prompt's row; the result equals that of
+        ``image_embedding[image_index]``.
         """
         keys = image_embedding.flatten(2).permute(0, 2, 1)
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
+            queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe,
+                                  image_index=image_index)
+            if image_index is not None:  # the image side is per prompt from here on
+                key_pe, image_index = take_rows(key_pe, image_index), None
+        keys = take_rows(keys, image_index)  # no layers: not gathered yet
         attn_out = self.final_attn_token_to_image(
             q=queries + point_embedding, k=keys + key_pe, v=keys
         )
@@ -106,8 +114,11 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
+        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor,
+        image_index: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
+        """``image_index`` (see :meth:`TwoWayTransformer.forward`): the keys and key_pe hold one
+        row per image; the returned keys hold one per prompt."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -117,11 +128,13 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
+        attn = self.cross_attn_token_to_image(q=q, k=k, v=keys, kv_index=image_index)
+        queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
+        attn = self.cross_attn_image_to_token(q=k, k=q, v=queries, q_index=image_index)
+        keys = self.norm4(take_rows(keys, image_index) + attn)
         return queries, keys
 
 
@@ -152,15 +165,19 @@ class Attention(nn.Module):
         b, h, n, c = x.shape
         return x.transpose(1, 2).reshape(b, n, h * c)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Batch sizes may differ where one of them is 1 (broadcast, as in the original's matmul)."""
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, q_index: Optional[Tensor] = None,
+                kv_index: Optional[Tensor] = None) -> Tensor:
+        """Batch sizes may differ where one of them is 1 (broadcast, as in the original's matmul).
+        ``q_index`` / ``kv_index`` (B,): output batch b takes row ``index[b]`` of that side
+        (projected first, so a side of one row per image is projected once per image)."""
         if self.backend == "triton":
             from ..decoder_attention import decoder_attention
 
-            return self.out_proj(decoder_attention(self.q_proj(q), self.k_proj(k), self.v_proj(v), self.num_heads))
-        q = self._separate_heads(self.q_proj(q), self.num_heads)
-        k = self._separate_heads(self.k_proj(k), self.num_heads)
-        v = self._separate_heads(self.v_proj(v), self.num_heads)
+            return self.out_proj(decoder_attention(self.q_proj(q), self.k_proj(k), self.v_proj(v),
+                                                   self.num_heads, q_index, kv_index))
+        q = take_rows(self._separate_heads(self.q_proj(q), self.num_heads), q_index)
+        k = take_rows(self._separate_heads(self.k_proj(k), self.num_heads), kv_index)
+        v = take_rows(self._separate_heads(self.v_proj(v), self.num_heads), kv_index)
         b = max(q.shape[0], k.shape[0])
         if q.shape[0] != b:
             q = q.expand(b, -1, -1, -1)
@@ -168,6 +185,11 @@ class Attention(nn.Module):
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
         return self.out_proj(self._recombine_heads(out))
+
+
+def take_rows(x: Tensor, index: Optional[Tensor]) -> Tensor:
+    """``x[index]`` along dim 0; ``x`` itself without an index or with batch 1 (broadcasts)."""
+    return x if index is None or x.shape[0] == 1 else x.index_select(0, index)
 
 
 def triton_supported(attn: Attention) -> bool:

@@ -353,8 +353,8 @@ def warm_up_decoders(sam, mode: str, counts: List[List[int]], batch_size: int, d
     else:
         sizes = sorted({k for c in counts for k in c if k})
     h, w = sam.prompt_encoder.image_embedding_size
-    emb = torch.zeros(batch_size if mode == "nested" else 1, sam.prompt_encoder.embed_dim, h, w,
-                      device=device, dtype=dtype)
+    emb = decoder_layout(torch.zeros(batch_size if mode == "nested" else 1, sam.prompt_encoder.embed_dim,
+                                     h, w, device=device, dtype=dtype))
     pe = sam.prompt_encoder.get_dense_pe()
     packed = getattr(sam, "_packed_decoder", decode_best)
     for n in sizes:
@@ -492,11 +492,17 @@ class NestedCollate:
 _PACKED_KEYS = ("image", "points", "gt_masks")  # what NestedCollate moves into the packed batch
 
 
+def decoder_layout(emb: torch.Tensor) -> torch.Tensor:
+    """Image embeddings (B, C, h, w) in the one layout the decoders are compiled for
+    (warm_up_decoders; a stride change would recompile them): channels last, so that the
+    transformer's (B, h*w, C) image tokens, gathered per prompt, are contiguous rows. The
+    compiled encoder's conv neck may return it so already (then no copy)."""
+    return emb.contiguous(memory_format=torch.channels_last)
+
+
 def _encode(sam, images: List[torch.Tensor], device, dtype) -> torch.Tensor:
     x = torch.stack([sam.preprocess(to_device(im, device).float()) for im in images])
-    # contiguous: the compiled encoder may return another memory layout, and the packed decoder
-    # is compiled (warm_up_decoders) for contiguous embeddings; a stride change recompiles it
-    return sam.image_encoder(x.to(dtype)).contiguous()
+    return decoder_layout(sam.image_encoder(x.to(dtype)))
 
 
 def _prompt(sam, points: torch.Tensor, labels: torch.Tensor):
@@ -580,9 +586,7 @@ def _predict_nested(sam, items: List[dict], device, dtype, packed: dict) -> List
         return [torch.zeros((0, *it["original_size"]), dtype=torch.bool, device=device) for it in items]
     prompts = to_device(packed["prompts"], device)
     x = encoder_input(sam, packed, device, dtype)
-    # contiguous: the compiled encoder may return another memory layout, and the packed decoder
-    # is compiled (warm_up_decoders) for contiguous embeddings; a stride change recompiles it
-    emb = sam.image_encoder(x).contiguous()
+    emb = decoder_layout(sam.image_encoder(x))
     (best,) = getattr(sam, "_packed_decoder", decode_best)(sam, emb, prompts)
     best = best[:sum(counts)]  # the real prompts
     if sam._masks_fn is fused:

@@ -161,6 +161,36 @@ def test_warm_up_runs_every_padded_shape_once(synth):
     assert calls == [8, 16]
 
 
+def test_decoder_warm_up_matches_the_timed_embedding_layout(synth):
+    """The packed decoder compiled by warm_up_decoders is reused by the timed batches: the
+    encoder's embeddings reach it in the warm-up's layout (decoder_layout, channels last:
+    token rows contiguous), so no stride guard fails and nothing recompiles."""
+    args = ec.build_parser().parse_args(["--coco-root", synth, "--model-type", "tiny", "--device", "cpu"])
+    sam = ec.build_model(args, verbose=False)
+    coco = load_coco(os.path.join(synth, "annotations", "instances_val2017.json"))
+    ids = sorted(coco.getImgIds())[:3]
+    ds = CocoPointPromptDataset(coco, os.path.join(synth, "val2017"), ids, select_annotations(coco, ids), 128)
+    items = [ds[i] for i in range(3)]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    sam._packed_decoder = torch.compile(ec.decode_best, backend=backend, dynamic=False)
+    cpu = torch.device("cpu")
+    counts = [[len(it["points"]) for it in items]]
+    with torch.inference_mode():
+        ec.warm_up_decoders(sam, "nested", counts, 3, cpu, torch.float32)
+        warmed = len(graphs)
+        out = ec.predict_batch(sam, items, "nested", cpu, torch.float32, 3)
+    assert warmed == 1 and len(graphs) == warmed
+    assert [o.shape for o in out] == [it["gt_masks"].shape for it in items]
+    emb = ec._encode(sam, [items[0]["image"]], cpu, torch.float32)
+    assert emb.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_post_processing_warm_up_leaves_no_compile_for_the_timing():
     """warm_up_postprocess: after it, masks of any warmed image size and any mask count reuse
     the compiled post-processing (a compile inside the timing cost 4x in session 9)."""

@@ -45,7 +45,7 @@ import bench_encoder  # noqa: E402  (shared helper: profile)
 
 from segment_anything_fast.data.coco_prompts import (  # noqa: E402
     CenterPointCache, CocoPointPromptDataset, load_coco, mask_iou, pack_masks,
-    select_annotations, unpack_masks,
+    select_annotations, unpack_mask_groups,
 )
 from segment_anything_fast.compile import DEFAULT_DECODER_BUCKETS, POSTPROCESS_BACKENDS, compile_function  # noqa: E402
 from segment_anything_fast.utils.amg import to_device  # noqa: E402
@@ -605,9 +605,8 @@ def _ground_truth(items: List[dict], packed: Optional[dict], device) -> List[tor
     (NestedCollate), else one copy per item."""
     if packed is None or "gt_bits" not in packed:
         return [to_device(it["gt_masks"], device) for it in items]
-    flat = unpack_masks(to_device(packed["gt_bits"], device), packed["gt_pixels"])
-    return [flat[o:o + k * h * w].view(k, h, w) for o, k, (h, w) in
-            zip(packed["offsets"], packed["counts"], (it["original_size"] for it in items))]
+    return unpack_mask_groups(to_device(packed["gt_bits"], device), packed["gt_pixels"],
+                              [(k, *it["original_size"]) for k, it in zip(packed["counts"], items)])
 
 
 def _sync(device) -> None:

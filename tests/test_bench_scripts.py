@@ -20,6 +20,7 @@ import bench_attention  # noqa: E402
 import bench_encoder  # noqa: E402
 import bench_fp8_quant  # noqa: E402
 import bench_int8_matmul  # noqa: E402
+import bench_loader  # noqa: E402
 import bench_postprocess  # noqa: E402
 import cold_start  # noqa: E402
 import demo_fidelity  # noqa: E402
@@ -320,3 +321,20 @@ def test_bench_decoder_needs_a_gpu(capsys):
     with pytest.raises(SystemExit):
         bench_decoder.main(["--prompts", "8"])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_loader_times_the_worker_side(tmp_path, capsys):
+    out = tmp_path / "loader.json"
+    assert bench_loader.main(["--images", "3", "--batch-size", "2", "--repeat", "1", "--output", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["images"] == 3 and row["batch_size"] == 2 and row["annotations"] > 0
+    assert row["worker_ms_per_image"] == pytest.approx(row["item_ms_per_image"] + row["collate_ms_per_image"], abs=2e-3)
+    assert row["item_ms_per_image"] > 0 and row["collate_ms_per_image"] > 0
+    assert "worker_ms_per_image" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        bench_loader.main(["--images", "0"])
+    with pytest.raises(SystemExit, match="no images"):
+        os.makedirs(tmp_path / "empty" / "annotations")
+        (tmp_path / "empty" / "annotations" / "instances_val2017.json").write_text(
+            json.dumps({"images": [], "annotations": [], "categories": []}))
+        bench_loader.main(["--coco-root", str(tmp_path / "empty"), "--repeat", "1"])

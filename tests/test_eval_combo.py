@@ -374,13 +374,17 @@ def test_graph_steps_copy_outputs_out_of_the_graph_pool():
 
 
 def test_nested_collate_packs_ground_truth_and_slims_items(synth):
-    from segment_anything_fast.data.coco_prompts import pack_masks, unpack_masks
+    from segment_anything_fast.data.coco_prompts import pack_masks, unpack_mask_groups, unpack_masks
 
     rng = np.random.default_rng(0)
     masks = [torch.from_numpy(rng.random(s) > 0.5) for s in ((2, 5, 7), (0, 3, 3), (1, 9, 1), (3, 4, 4))]
+    masks[3] = masks[3].transpose(1, 2).contiguous().transpose(1, 2)  # the dataset's layout, same values
     bits, n = pack_masks(masks)
     assert bits.dtype == torch.uint8 and bits.numel() == -(-n // 8) and n == sum(m.numel() for m in masks)
-    assert torch.equal(unpack_masks(bits, n), torch.cat([m.flatten() for m in masks]))
+    # column by column within each mask
+    assert torch.equal(unpack_masks(bits, n), torch.cat([m.transpose(1, 2).flatten() for m in masks]))
+    groups = unpack_mask_groups(bits, n, [tuple(m.shape) for m in masks])
+    assert all(torch.equal(g, m) for g, m in zip(groups, masks))
     coco = load_coco(os.path.join(synth, "annotations", "instances_val2017.json"))
     ids = sorted(coco.getImgIds())[:3]
     ds = CocoPointPromptDataset(coco, os.path.join(synth, "val2017"), ids, select_annotations(coco, ids), 128)

@@ -40,17 +40,30 @@ def mask_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 
 def pack_masks(masks: List[torch.Tensor]) -> Tuple[torch.Tensor, int]:
-    """Bool masks (any shapes) flattened back to back and packed 8 per byte (``np.packbits``
-    order): (uint8 bytes, number of pixels). 8x fewer bytes to copy to the GPU."""
-    flat = [np.asarray(m, dtype=bool).reshape(-1) for m in masks]
+    """Bool (K, H, W) mask groups packed 8 pixels per byte (``np.packbits`` order), back to back,
+    each mask column by column (pixel order (K, W, H): the dataset keeps its masks as such a
+    transposed view of COCO's column-major masks, which then packs without a copy): (uint8
+    bytes, number of pixels). 8x fewer bytes to copy to the GPU; :func:`unpack_mask_groups`."""
+    flat = [np.asarray(torch.as_tensor(m).transpose(-1, -2), dtype=bool).reshape(-1) for m in masks]
     bits = np.concatenate(flat) if flat else np.zeros(0, dtype=bool)
     return torch.from_numpy(np.packbits(bits)), int(bits.size)
 
 
 def unpack_masks(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The (n,) bool pixels of :func:`pack_masks`, on ``packed``'s device."""
+    """The (n,) bool pixels of :func:`pack_masks`, in its order, on ``packed``'s device."""
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     return ((packed[:, None] >> shifts) & 1).flatten()[:n].bool()
+
+
+def unpack_mask_groups(packed: torch.Tensor, n: int, shapes: List[Tuple[int, int, int]]) -> List[torch.Tensor]:
+    """The (K, H, W) bool mask groups of :func:`pack_masks` (``shapes``, in order), on
+    ``packed``'s device: views of one unpacked buffer."""
+    flat = unpack_masks(packed, n)
+    out, o = [], 0
+    for k, h, w in shapes:
+        out.append(flat[o:o + k * h * w].view(k, w, h).transpose(1, 2))
+        o += k * h * w
+    return out
 
 
 def load_coco(annotations: str):
@@ -124,7 +137,7 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
     ``image_size`` (with ``resize=False``: the decoded (3, H, W) image, its memory (H, W, 3), for
     ``fused_preprocess.pack_images`` to resize on the GPU), ``input_size`` (h, w) the resized size,
     ``original_size`` (H, W), ``points`` (K, 2) float in resized coordinates,
-    ``gt_masks`` (K, H, W) bool, ``ann_ids``, ``new_points`` (center points computed because the
+    ``gt_masks`` (K, H, W) bool (a transposed view of (K, W, H) memory), ``ann_ids``, ``new_points`` (center points computed because the
     cache missed them), ``image_id``, ``file_name``, and ``error`` (None, or why the image
     could not be read; then the tensors are empty).
     """
@@ -169,7 +182,7 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
             if p is None:
                 p = center_point(m)
                 item["new_points"][a["id"]] = p
-            gts.append(m.astype(bool))
+            gts.append(m.T)  # (W, H): COCO's column-major mask, contiguous
             pts.append(p)
             ids.append(a["id"])
         if self.resize:
@@ -179,6 +192,8 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
         item["original_size"] = (h, w)
         coords = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
         item["points"] = torch.from_numpy(self.transform.apply_coords(coords, (h, w))).float()
-        item["gt_masks"] = torch.from_numpy(np.stack(gts)) if gts else torch.zeros((0, h, w), dtype=torch.bool)
+        # (K, H, W) as a transposed view: no row-major copy of each mask here (pack_masks)
+        item["gt_masks"] = (torch.from_numpy(np.stack(gts) != 0).transpose(1, 2) if gts
+                            else torch.zeros((0, h, w), dtype=torch.bool))
         item["ann_ids"] = ids
         return item

@@ -395,3 +395,50 @@ def test_nested_collate_packs_ground_truth_and_slims_items(synth):
     gts = ec._ground_truth(slim, packed, torch.device("cpu"))
     assert all(torch.equal(g, it["gt_masks"]) for g, it in zip(gts, full))
     assert [g.shape[0] for g in gts] == packed["counts"]
+
+
+def test_dataset_item_masks_points_and_bad_annotations(tmp_path):
+    """One decode for all of an image's annotations: (K, H, W) ground truth equal to
+    pycocotools' annToMask, degenerate (empty) annotations dropped, a mask whose size is not the
+    image's reported, an image without annotations gives empty tensors."""
+    import cv2
+
+    from segment_anything_fast.data.synthetic_coco import encode_rle
+
+    h, w = 30, 40
+    os.makedirs(tmp_path / "img")
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / "img" / name), np.full((h, w, 3), 90, np.uint8))
+    ring = np.zeros((h, w), bool)
+    ring[5:25, 5:35] = True
+    ring[10:20, 10:30] = False
+    wrong = np.zeros((h + 1, w), bool)
+    wrong[2:5, 2:5] = True
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1.0, "bbox": [0, 0, 1, 1],
+         "segmentation": [[2, 2, 12, 2, 12, 8, 2, 8]]},
+        {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1.0, "bbox": [0, 0, 1, 1],
+         "segmentation": encode_rle(np.zeros((h, w), bool))},  # no pixels
+        {"id": 3, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1.0, "bbox": [0, 0, 1, 1],
+         "segmentation": encode_rle(ring)},
+        {"id": 4, "image_id": 3, "category_id": 1, "iscrowd": 0, "area": 1.0, "bbox": [0, 0, 1, 1],
+         "segmentation": encode_rle(wrong)},
+    ]
+    images = [{"id": 1, "file_name": "a.png", "height": h, "width": w},
+              {"id": 2, "file_name": "b.png", "height": h, "width": w},
+              {"id": 3, "file_name": "b.png", "height": h, "width": w}]
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "thing"}]}))
+    coco = load_coco(str(path))
+    ds = CocoPointPromptDataset(coco, str(tmp_path / "img"), [1, 2, 3], select_annotations(coco, [1, 2, 3]), 64)
+    item = ds[0]
+    assert item["error"] is None and item["ann_ids"] == [1, 3]
+    want = torch.from_numpy(np.stack([coco.annToMask(anns[0]), ring]).astype(bool))
+    assert item["gt_masks"].shape == (2, h, w) and torch.equal(item["gt_masks"], want)
+    x, y = item["points"][1].tolist()
+    scale = 64 / w
+    assert ring[round(y / scale), round(x / scale)]  # the ring's point lies on the ring
+    empty = ds[1]
+    assert empty["error"] is None and empty["gt_masks"].shape == (0, h, w) and empty["points"].shape == (0, 2)
+    assert ds[2]["error"] == f"annotation 4 mask is {w}x{h + 1} but the image is {w}x{h}"

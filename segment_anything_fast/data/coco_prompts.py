@@ -169,20 +169,25 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
             return item
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         h, w = image.shape[:2]
-        gts, pts, ids = [], [], []
+        rles = []
         for a in self.anns[img_id]:
-            m = self.coco.annToMask(a)
-            if m.shape != (h, w):
-                item["error"] = (f"annotation {a['id']} mask is {m.shape[1]}x{m.shape[0]} but the "
+            rle = self.coco.annToRLE(a)
+            if tuple(rle["size"]) != (h, w):
+                item["error"] = (f"annotation {a['id']} mask is {rle['size'][1]}x{rle['size'][0]} but the "
                                  f"image is {w}x{h}")
                 return item
-            if not m.any():
-                continue  # degenerate annotation: nothing to segment
+            rles.append(rle)
+        # all masks in one decode: (h, w, K) column-major, i.e. (K, w, h) rows of 0 / 1 bytes
+        from pycocotools import mask as mask_utils
+
+        masks = mask_utils.decode(rles).T.view(np.bool_) if rles else np.zeros((0, w, h), bool)
+        keep = masks.any(axis=(1, 2))  # degenerate annotations: nothing to segment
+        pts, ids = [], []
+        for a, m in zip((a for a, k in zip(self.anns[img_id], keep) if k), masks[keep]):
             p = self.cached.get(a["id"])
             if p is None:
-                p = center_point(m)
+                p = center_point(m.T)
                 item["new_points"][a["id"]] = p
-            gts.append(m.T)  # (W, H): COCO's column-major mask, contiguous
             pts.append(p)
             ids.append(a["id"])
         if self.resize:
@@ -193,7 +198,6 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
         coords = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
         item["points"] = torch.from_numpy(self.transform.apply_coords(coords, (h, w))).float()
         # (K, H, W) as a transposed view: no row-major copy of each mask here (pack_masks)
-        item["gt_masks"] = (torch.from_numpy(np.stack(gts) != 0).transpose(1, 2) if gts
-                            else torch.zeros((0, h, w), dtype=torch.bool))
+        item["gt_masks"] = torch.from_numpy(masks if keep.all() else masks[keep]).transpose(1, 2)
         item["ann_ids"] = ids
         return item

@@ -136,9 +136,9 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
     Items are dicts with ``image`` (3, h, w) uint8 resized so the long side is
     ``image_size`` (with ``resize=False``: the decoded (3, H, W) image, its memory (H, W, 3), for
     ``fused_preprocess.pack_images`` to resize on the GPU), ``input_size`` (h, w) the resized size,
-    ``original_size`` (H, W), ``points`` (K, 2) float in resized coordinates,
-    ``gt_masks`` (K, H, W) bool (a transposed view of (K, W, H) memory), ``ann_ids``, ``new_points`` (center points computed because the
-    cache missed them), ``image_id``, ``file_name``, and ``error`` (None, or why the image
+    ``original_size`` (H, W), ``points`` (K, 2) float in resized coordinates, ``gt_masks``
+    (K, H, W) bool (a transposed view of (K, W, H) memory), ``ann_ids``, ``new_points`` (center
+    points computed because the cache missed them), ``image_id``, ``file_name``, and ``error`` (None, or why the image
     could not be read; then the tensors are empty).
     """
 

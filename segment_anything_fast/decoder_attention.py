@@ -110,6 +110,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
     check_shapes(q, k, v, num_heads, q_index, kv_index)
     use_torch_ptxas()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q_index, kv_index = (None if i is None else i.contiguous() for i in (q_index, kv_index))
     B = max(_rows(q, q_index), _rows(k, kv_index))
     M, C = q.shape[1], q.shape[2]
     N = k.shape[1]

@@ -68,6 +68,10 @@ _CHILD = textwrap.dedent(
         assert out.shape == r.shape and ((out.double() - r).norm() / r.norm()).item() < 1e-5, side
         wrong = ref(q[idx.flip(0)], k, v, 2) if side == "q" else ref(q, k[idx.flip(0)], v[idx.flip(0)], 2)
         assert ((out.double() - wrong).norm() / wrong.norm()).item() > 1e-2, side
+    # a strided index (a column of a wider table) reads the same rows
+    table = torch.stack([idx, idx.flip(0)], 1)
+    out2 = decoder_attention(q, k, v, 2, q_index=table[:, 0])
+    assert torch.equal(out2, decoder_attention(q, k, v, 2, q_index=idx))
     # a batch-1 side with an index broadcasts
     out = decoder_attention(q[:1], k, v, 2, q_index=torch.zeros(5, dtype=torch.long))
     assert ((out.double() - ref(q[:1], k, v, 2)).norm() / out.norm()).item() < 1e-5

@@ -374,6 +374,10 @@ def test_mask_decoder_image_index_equals_the_original_per_image(pair, embeddings
                 close(m1[n:n + 1, 1:], m2)
                 close(i1[n:n + 1, 1:], i2)
         assert seen == ([2] if mask_in is None else [3]), seen
+    with pytest.raises(ValueError, match="one entry per prompt"):
+        ours.mask_decoder.predict_masks_per_prompt(embeddings, pe, sparse, dense, image_index=idx[:2])
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        ours.mask_decoder.predict_masks_per_prompt(embeddings, pe, sparse, dense, image_index=idx.float())
 
 
 def test_patch_embed_gemm_equals_conv():

@@ -117,6 +117,10 @@ class MaskDecoder(nn.Module):
         out_tokens = out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
         tokens = torch.cat((out_tokens, sparse), dim=1)
         dense = dense_prompt_embeddings
+        if image_index is not None and (image_index.dim() != 1 or image_index.shape[0] != sparse.shape[0]
+                                        or image_index.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"image_index must be a 1-D integer tensor with one entry per prompt "
+                             f"({sparse.shape[0]}), got {tuple(image_index.shape)} {image_index.dtype}.")
         if image_index is not None and not is_shared_dense(dense):  # per-prompt dense: gather first
             image_embeddings = image_embeddings.index_select(0, image_index)
             image_pe = take_rows(image_pe, image_index)

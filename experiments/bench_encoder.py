@@ -173,10 +173,10 @@ def time_encoder(enc, x, iters, sync_check):
     return first, ms[len(ms) // 2], peak, sync_free
 
 
-def profile(fn, label, calls=3, top=25, cpu=False) -> str:
+def profile(fn, label, calls=3, top=25, cpu=False, kernels=None) -> str:
     """Print (and return) the kernels taking the most GPU time over ``calls`` calls of ``fn()``,
     grouped by name; with ``cpu`` (always without CUDA) also the wall time per call and the
-    busiest host ops."""
+    busiest host ops. ``kernels`` (a dict) receives every kernel's GPU ms per call by name."""
     from torch.profiler import ProfilerActivity, profile as prof
 
     gpu = torch.cuda.is_available()
@@ -195,6 +195,9 @@ def profile(fn, label, calls=3, top=25, cpu=False) -> str:
     if gpu:
         evs = [e for e in avg if e.device_time_total > 0 and e.device_type != torch.autograd.DeviceType.CPU]
         total = sum(e.device_time_total for e in evs)
+        if kernels is not None:
+            for e in evs:
+                kernels[e.key] = kernels.get(e.key, 0.0) + e.device_time_total / calls / 1e3
         lines.append(f"--- profile {label}: {total / calls / 1e3:.2f} ms GPU per call in {len(evs)} kernel names")
         for e in sorted(evs, key=lambda e: -e.device_time_total)[:top]:
             lines.append(f"{e.device_time_total / calls / 1e3:8.3f} ms {100 * e.device_time_total / total:5.1f}% "

@@ -661,10 +661,21 @@ def append_csv(path: str, row: Dict[str, object]) -> None:
         w.writerow(row)
 
 
+def kernel_difference(whole: Dict[str, float], part: Dict[str, float], label: str, top: int = 25) -> str:
+    """The GPU time per call that ``whole`` (kernel name -> ms) spends beyond ``part``, in total
+    and by kernel (largest first): e.g. predict_batch minus the encoder alone."""
+    diff = {k: v - part.get(k, 0.0) for k, v in whole.items()}
+    diff = {k: v for k, v in diff.items() if v > 5e-4}
+    lines = [f"--- {label}: {sum(diff.values()):.2f} ms GPU per call in {len(diff)} kernel names"]
+    lines += [f"{v:8.3f} ms {k[:110]}" for k, v in sorted(diff.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(lines)
+
+
 def write_profile(args, sam, items: List[dict], device, dtype, packed: Optional[dict] = None) -> str:
     """``--profile N``: N calls of predict_batch and of the image encoder alone on the same
-    images (as predict_batch groups them) under bench_encoder.profile; the difference is the
-    prompt encoder, decoder and mask post-processing. Written atomically to
+    images (as predict_batch groups them) under bench_encoder.profile; the difference (on CUDA a
+    section of its own, :func:`kernel_difference`) is the prompt encoder, decoder and mask
+    post-processing. Written atomically to
     ``<output stem>_profile.txt``; returns the path."""
     groups = [[it] for it in items] if args.prompt_batching == "none" else [items]
     if packed is None:
@@ -680,11 +691,13 @@ def write_profile(args, sam, items: List[dict], device, dtype, packed: Optional[
     n_prompts = sum(packed["counts"]) if packed is not None else sum(len(it["points"]) for it in items)
     head = (f"eval_combo --profile {args.profile}: {model} {device} {args.dtype} "
             f"compile {args.compile}, {len(items)} images, {n_prompts} prompts")
-    texts = []
-    for label, fn in runs:
+    texts, kernels = [], [{}, {}]
+    for (label, fn), k in zip(runs, kernels):
         with torch.inference_mode():  # as in the timed loop: the same compiled graphs
             fn()  # warm-up call, outside the profile
-            texts.append(bench_encoder.profile(fn, label, calls=args.profile, top=25, cpu=True))
+            texts.append(bench_encoder.profile(fn, label, calls=args.profile, top=25, cpu=True, kernels=k))
+    if kernels[0]:
+        texts.append(kernel_difference(*kernels, "decoder side (predict_batch minus the encoder alone)"))
     path = os.path.splitext(args.output)[0] + "_profile.txt"
     with open(path + ".tmp", "w") as f:
         f.write("\n\n".join([head] + texts) + "\n")

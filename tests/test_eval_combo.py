@@ -275,6 +275,11 @@ def test_profile_file_after_the_timing(synth, tmp_path, capsys):
     assert not (tmp_path / "r_profile.txt.tmp").exists()
     assert ec.main(args[:-2]) == 0  # off by default: no profile run
     assert "wrote the profile" not in capsys.readouterr().err
+    # the decoder-side section (CUDA profiles): predict_batch's kernels minus the encoder's
+    text = ec.kernel_difference({"gemm": 10.0, "upscale": 0.9, "attn": 1.2, "tiny": 0.0001},
+                                {"gemm": 9.5, "attn": 1.2, "norm": 0.3}, "decoder side")
+    assert text.splitlines() == ["--- decoder side: 1.40 ms GPU per call in 2 kernel names",
+                                 "   0.900 ms upscale", "   0.500 ms gemm"]
 
 
 def test_missing_image_reported_and_skipped(synth, tmp_path, capsys):

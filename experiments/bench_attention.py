@@ -84,6 +84,21 @@ def sweep_configs(name):
     return out
 
 
+def time_variant(fn, ref, label):
+    """(ms, relative error vs ``ref`` (nan without one), first-call seconds) of ``fn``, or None
+    after printing why it failed (a config that does not fit, e.g. in shared memory)."""
+    t0 = time.time()
+    try:
+        out = fn()
+        torch.cuda.synchronize()
+        first = time.time() - t0
+        err = ((out.float() - ref).norm() / ref.norm()).item() if ref is not None else float("nan")
+        return bench(fn), err, first
+    except Exception as e:
+        print(f"{label} FAILED {type(e).__name__}: {str(e)[:120]}")
+        return None
+
+
 GRID_SHAPES = {  # name: (embed dim, heads, window size; 0 = global), on a 64x64 token grid
     "vit_b_grid_global": (768, 12, 0),
     "vit_b_grid_window": (768, 12, 14),
@@ -121,16 +136,10 @@ def grid_rows(name, batch, sweep, cap, grid=64, device="cuda", dtype=torch.bfloa
     rows = []
     for key, cfg in cfgs.items():
         fn = (lambda c: lambda: triton_grid_attention(qkv, nh, ws, rel, pad, config=c))(cfg)
-        t0 = time.time()
-        try:
-            out = fn()
-            torch.cuda.synchronize()
-            first = time.time() - t0
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            ms = bench(fn)
-        except Exception as e:  # a config that does not fit (shared memory) is skipped
-            print(f"{name:18s} grid{key:24s} FAILED {type(e).__name__}: {str(e)[:120]}")
+        timed = time_variant(fn, ref, f"{name:18s} grid{key:24s}")
+        if timed is None:
             continue
+        ms, err, first = timed
         rows.append(dict(shape=name, batch=batch, variant=f"grid{key}", config=cfg, ms=ms,
                          tflops=flops / ms / 1e9, rel_err=err, first_s=first))
         print(f"{name:18s} grid{key:24s} {ms:8.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s err {err:.2e}",
@@ -176,16 +185,10 @@ def main(argv=None):
                 key = "triton[{BLOCK_M},{ROWS},{num_warps},{num_stages}]".format(**cfg)
                 variants[key] = (lambda c: lambda: triton_rel_pos_attention(q, k, v, rh, rw, config=c))(cfg)
         for vname, fn in variants.items():
-            t0 = time.time()
-            try:
-                out = fn()
-                torch.cuda.synchronize()
-                first = time.time() - t0
-                err = ((out.float() - ref).norm() / ref.norm()).item() if "nobias" not in vname else float("nan")
-                ms = bench(fn)
-            except Exception as e:  # a config that does not fit (shared memory) is skipped
-                print(f"{name:14s} {vname:28s} FAILED {type(e).__name__}: {str(e)[:120]}")
+            timed = time_variant(fn, None if "nobias" in vname else ref, f"{name:14s} {vname:28s}")
+            if timed is None:
                 continue
+            ms, err, first = timed
             row = dict(shape=name, batch=args.batch, variant=vname, ms=ms,
                        tflops=flops / ms / 1e9, rel_err=err, first_s=first)
             rows.append(row)

@@ -89,7 +89,7 @@ class MaskDecoder(nn.Module):
         if image_embeddings.shape[0] == 1 and is_shared_dense(dense):
             # One image and one dense embedding for all prompts (no mask prompts): the
             # transformer computes the image side once (TwoWayTransformer.forward).
-            return self.predict_masks_per_prompt(image_embeddings, image_pe, sparse_prompt_embeddings, dense[:1])
+            return self.predict_masks_per_prompt(image_embeddings, image_pe, sparse_prompt_embeddings, dense)
         # Per-image tensors repeated for each prompt (repeat_interleave without a host sync).
         n = sparse_prompt_embeddings.shape[0]
         return self.predict_masks_per_prompt(
@@ -121,12 +121,12 @@ class MaskDecoder(nn.Module):
                                         or image_index.dtype not in (torch.int32, torch.int64)):
             raise ValueError(f"image_index must be a 1-D integer tensor with one entry per prompt "
                              f"({sparse.shape[0]}), got {tuple(image_index.shape)} {image_index.dtype}.")
-        if image_index is not None and not is_shared_dense(dense):  # per-prompt dense: gather first
+        if is_shared_dense(dense):  # one row, broadcast over the prompts
+            dense = dense[:1]
+        elif image_index is not None:  # per-prompt dense: gather the images first
             image_embeddings = image_embeddings.index_select(0, image_index)
             image_pe = take_rows(image_pe, image_index)
             image_index = None
-        elif image_index is not None:
-            dense = dense[:1]
         src = image_embeddings.to(dtype) + dense.to(dtype)
         pos_src = image_pe.to(dtype)
         w = src.shape[-1]

@@ -1,4 +1,4 @@
-"""The whole mask decoder on the GPU, as the predictor and the AMG call it (one image embedding,
+r"""The whole mask decoder on the GPU, as the predictor and the AMG call it (one image embedding,
 P single-point prompts, multimask): decoder attention "sdpa" vs "triton"
 (``segment_anything_fast.decoder_attention``), eager and torch.compile'd, bf16 with the fused
 upscaling; accuracy vs the float32 SDPA decoder (relative error of the logits, sign agreement).

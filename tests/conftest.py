@@ -5,6 +5,7 @@ bad-input tests of files owned by others are marked here by name) and the fuzz e
 recorded by tests/test_robustness.py through the ``robustness_report`` fixture.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,14 @@ def pytest_collection_modifyitems(config, items):
         names = BAD_INPUT_TESTS.get(item.path.name, ())
         if getattr(item, "originalname", item.name) in names:
             item.add_marker("bad_input")
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    """Every test starts from the same torch / numpy random state, so random-init weights and
+    inputs do not depend on which tests ran before (tests that need other draws seed themselves)."""
+    torch.manual_seed(0)
+    np.random.seed(0)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ time of the layer's rel-logit matmul (``Attention._rel_logits``).
 """
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -201,13 +202,19 @@ def main(argv=None):
             print(f"{name}: best triton {best['variant']} {best['ms']:.3f} ms")
         del q, k, v, rh, rw, ref
         torch.cuda.empty_cache()
+        save(args.out, rows)
     for name in args.grid_shapes:
         rows += grid_rows(name, args.batch, not args.no_sweep, cap)
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           rows=rows), f, indent=1)
+        save(args.out, rows)
+
+
+def save(path, rows):
+    """Write the rows so far (after every shape: a run cut short keeps what it measured)."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

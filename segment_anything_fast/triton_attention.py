@@ -221,18 +221,19 @@ def kernel_config(n_tokens: int, grid_w: int, head_dim: int, capability: Tuple[i
     """Launch parameters by GPU generation and shape; returns BLOCK_M, ROWS (key-grid rows per
     key block), num_warps, num_stages.
 
-    Hopper rows come from experiments/bench_attention.py on an H100 (batch 8, bf16;
-    experiments/results/attention_h100_b8.json): global 64x64 layers reach ~310 TFLOP/s,
-    14x14 windows ~90. The Ampere rows are the same tile shapes with shallower pipelines
-    (less shared memory), not measured here. Those measurements predate the grid (in-place
-    window) form of the kernel; experiments/sass_attention.py shows how each config compiles.
+    Hopper rows come from experiments/bench_attention.py (batch 8, bf16): first on an H100
+    (experiments/results/attention_h100_b8.json), then for the encoder's grid form on an H200
+    (attention_h200_b8_grid_session21.json: vit_h's head dim 80 runs best with 64-row blocks
+    in global layers, 2.41 vs 2.72 ms, and 128-row blocks in windows, 0.53 vs 0.72 ms). The
+    Ampere rows are the same tile shapes with shallower pipelines (less shared memory), not
+    measured here; experiments/sass_attention.py shows how each config compiles.
     """
     wp = triton.next_power_of_2(grid_w)
     split = head_dim & (head_dim - 1) != 0  # e.g. 80 = 64 + 16: more registers per row
     if capability[0] >= 9:  # Hopper
         if n_tokens >= 1024:  # global layers: one 64-wide key-grid row per block
-            return dict(BLOCK_M=128 if split else 64, ROWS=max(1, 64 // wp), num_warps=4, num_stages=3)
-        return dict(BLOCK_M=64, ROWS=max(1, 32 // wp), num_warps=4, num_stages=4 if split else 3)
+            return dict(BLOCK_M=64, ROWS=max(1, 64 // wp), num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128 if split else 64, ROWS=max(1, 32 // wp), num_warps=4, num_stages=3)
     if n_tokens >= 1024:  # Ampere and older
         return dict(BLOCK_M=64, ROWS=max(1, 64 // wp), num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, ROWS=max(1, 32 // wp), num_warps=4, num_stages=2)

@@ -70,7 +70,7 @@ def main(argv=None):
                         elif form == "gathered":
                             run = lambda: dec.predict_masks_per_prompt(emb[idx], pe, sparse, dense)  # noqa: E731
                         else:
-                            run = lambda: dec.predict_masks_per_prompt(emb, pe, sparse, dense[:1])  # noqa: E731
+                            run = lambda: dec.predict_masks_per_prompt(emb, pe, sparse, dense)  # noqa: E731
                         fn = run if mode == "none" else torch.compile(run, mode=mode, fullgraph=True, dynamic=False)
                         t0 = time.time()
                         with torch.no_grad():

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 import eval_combo as ec  # noqa: E402
 from segment_anything_fast.data.coco_prompts import (  # noqa: E402
-    CocoPointPromptDataset, center_point, load_coco, select_annotations,
+    CocoPointPromptDataset, load_coco, select_annotations,
 )
 from segment_anything_fast.validation import check_output_path  # noqa: E402
 
@@ -67,13 +67,11 @@ def run(args, root: str) -> dict:
     if not ids:
         raise SystemExit(f"bench_loader: no images in {ann_path}")
     anns = select_annotations(coco, ids)
-    points = {}
-    for i in ids:  # a warm cache, as in a repeated run
-        for a in anns[i]:
-            m = coco.annToMask(a)
-            if m.any():
-                points[a["id"]] = center_point(m)
-    ds = CocoPointPromptDataset(coco, os.path.join(root, args.split), ids, anns, args.image_size,
+    image_dir = os.path.join(root, args.split)
+    cold = CocoPointPromptDataset(coco, image_dir, ids, anns, args.image_size, resize=False)
+    # a warm cache, as in a repeated run: the points the dataset computes on its cache misses
+    points = {k: v for i in range(len(ids)) for k, v in cold[i]["new_points"].items()}
+    ds = CocoPointPromptDataset(coco, image_dir, ids, anns, args.image_size,
                                 cached_points=points, resize=args.preprocess == "host")
     collate = ec.NestedCollate(args.image_size, args.batch_size, args.preprocess)
     n = len(ids)

@@ -182,8 +182,10 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
 
         masks = mask_utils.decode(rles).T.view(np.bool_) if rles else np.zeros((0, w, h), bool)
         keep = masks.any(axis=(1, 2))  # degenerate annotations: nothing to segment
+        if not keep.all():
+            masks = masks[keep]
         pts, ids = [], []
-        for a, m in zip((a for a, k in zip(self.anns[img_id], keep) if k), masks[keep]):
+        for a, m in zip((a for a, k in zip(self.anns[img_id], keep) if k), masks):
             p = self.cached.get(a["id"])
             if p is None:
                 p = center_point(m.T)
@@ -198,6 +200,6 @@ class CocoPointPromptDataset(torch.utils.data.Dataset):
         coords = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
         item["points"] = torch.from_numpy(self.transform.apply_coords(coords, (h, w))).float()
         # (K, H, W) as a transposed view: no row-major copy of each mask here (pack_masks)
-        item["gt_masks"] = torch.from_numpy(masks if keep.all() else masks[keep]).transpose(1, 2)
+        item["gt_masks"] = torch.from_numpy(masks).transpose(1, 2)
         item["ann_ids"] = ids
         return item

@@ -124,7 +124,7 @@ class MaskDecoder(nn.Module):
         if is_shared_dense(dense):  # one row, broadcast over the prompts
             dense = dense[:1]
         elif image_index is not None:  # per-prompt dense: gather the images first
-            image_embeddings = image_embeddings.index_select(0, image_index)
+            image_embeddings = take_rows(image_embeddings, image_index)
             image_pe = take_rows(image_pe, image_index)
             image_index = None
         src = image_embeddings.to(dtype) + dense.to(dtype)
